@@ -1,0 +1,3 @@
+"""Elastic data-parallel training with PyTorch, launched by torchrun."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,136 @@
+"""The run's configuration: one frozen dataclass, built from the command line.
+
+Every field carries its own help text, so ``--help``, the logged config and the
+``config.json`` in the run directory all come from this one definition.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from trainer.errors import UsageError
+
+
+def _opt(default: Any, help: str, choices: Sequence[str] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a run. Immutable once built."""
+
+    epochs: int = _opt(5, "Passes over the training split.")
+    batch_size: int = _opt(32, "Samples per process per step (the global batch is this times the world size).")
+    lr: float = _opt(0.01, "Learning rate.")
+    momentum: float = _opt(0.9, "SGD momentum (ignored by Adam).")
+    optimizer: str = _opt("sgd", "Optimiser.", choices=("sgd", "adam"))
+    hidden: tuple[int, ...] = _opt((512, 256), "Hidden layer widths, comma-separated (e.g. 512,256).")
+    seed: int = _opt(0, "Seed for the model's initial weights, the train/validation split and the per-epoch shuffles.")
+    val_fraction: float = _opt(0.2, "Fraction of the 60k training images held out for validation.")
+    max_steps: int | None = _opt(None, "Stop after this many optimiser steps in total (for tests and benchmarks).")
+    run_dir: str = _opt("runs/mnist-mlp", "Directory for everything the run writes.")
+    data_dir: str | None = _opt(
+        None, "Read MNIST from DIR/MNIST/raw (torchvision layout) instead of the copy shipped with the package."
+    )
+    download: bool = _opt(False, "Download MNIST into --data-dir with torchvision first (needs internet).")
+    backend: str = _opt(
+        "auto", "Process-group backend; auto picks nccl on CUDA, gloo on CPU.", ("auto", "gloo", "nccl")
+    )
+    device: str = _opt("auto", "Device; auto picks CUDA when available.", ("auto", "cpu", "cuda"))
+    timeout: float = _opt(120.0, "Seconds a collective may wait for a peer before the run fails instead of hanging.")
+    log_every: int = _opt(100, "Log progress and record a per-rank step sample every N steps.")
+    log_all_ranks: bool = _opt(False, "Log INFO from every rank, not only rank 0.")
+    overwrite: bool = _opt(False, "Replace whatever an earlier run left in --run-dir.")
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.epochs >= 1, "--epochs must be at least 1"),
+            (self.batch_size >= 1, "--batch-size must be at least 1"),
+            (self.lr > 0, "--lr must be positive"),
+            (0 <= self.momentum < 1, "--momentum must be in [0, 1)"),
+            (all(h >= 1 for h in self.hidden), "--hidden widths must be positive integers, e.g. 512,256"),
+            (0 < self.val_fraction < 1, "--val-fraction must be between 0 and 1, e.g. 0.2"),
+            (self.max_steps is None or self.max_steps >= 1, "--max-steps must be at least 1"),
+            (self.timeout > 0, "--timeout must be positive"),
+            (self.log_every >= 1, "--log-every must be at least 1"),
+            (not self.download or self.data_dir is not None, "--download needs --data-dir DIR to download into"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Inverse of ``to_dict``; unknown keys are an error so stale files are noticed."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise UsageError(f"unknown config fields {unknown}; the file was written by another version")
+        fixed = {k: tuple(v) if k == "hidden" else v for k, v in values.items()}
+        return cls(**fixed)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def parse_widths(text: str) -> tuple[int, ...]:
+    """``"512,256"`` -> ``(512, 256)``; an empty string means no hidden layer."""
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 512,256, got {text!r}") from None
+
+
+def _arg_type(annotation: Any) -> Any:
+    """The argparse ``type`` for a field's annotation (``int | None`` -> ``int``)."""
+    if annotation == tuple[int, ...]:
+        return parse_widths
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return inner[0]
+    return annotation
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trainer",
+        description="Train an MLP on MNIST, one process or many (torchrun or exported RANK/WORLD_SIZE).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+            continue
+        default = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+        parser.add_argument(
+            flag,
+            type=_arg_type(kind),
+            default=default,
+            choices=f.metadata["choices"],
+            help=f.metadata["help"],
+            metavar=f.name.upper() if f.metadata["choices"] is None else None,
+        )
+    return parser
+
+
+def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
+    """Command line -> config. Bad values exit through argparse or raise ``UsageError``."""
+    namespace = build_parser().parse_args(argv)
+    values = vars(namespace)
+    if isinstance(values["hidden"], str):
+        values["hidden"] = parse_widths(values["hidden"])
+    return TrainConfig(**values)
