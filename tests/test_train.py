@@ -1,0 +1,149 @@
+"""End to end: real torchrun, real processes started by hand, real files."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import (
+    QUICK,
+    REPO,
+    assert_ok,
+    clean_env,
+    free_port,
+    read_jsonl,
+    read_summary,
+    run_torchrun,
+    run_trainer,
+)
+
+STEPS = ("--max-steps", "60")
+SUMMARY_KEYS = {
+    "world_size",
+    "epochs",
+    "global_step",
+    "test_accuracy",
+    "test_loss",
+    "train_seconds",
+    "samples_per_second",
+    "sync_ms_per_batch",
+    "peak_rss_mb",
+    "params_sha256",
+}
+
+
+@pytest.fixture(scope="module")
+def torchrun_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    run_dir = tmp_path_factory.mktemp("torchrun") / "run"
+    result = run_torchrun(2, [*QUICK, *STEPS, "--run-dir", str(run_dir)])
+    assert_ok(result)
+    return run_dir, result
+
+
+def test_torchrun_writes_every_output(torchrun_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    run_dir, _ = torchrun_run
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["max_steps"] == 60 and config["hidden"] == [512, 256]
+    summary = read_summary(run_dir)
+    assert set(summary) >= SUMMARY_KEYS
+    assert summary["world_size"] == 2 and summary["global_step"] == 60
+    assert 0 <= summary["test_accuracy"] <= 1
+    assert summary["sync_ms_per_batch"] > 0, "two ranks must measure a real all-reduce"
+    assert summary["peak_rss_mb"] > 0 and summary["samples_per_second"] > 0
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    assert list(metrics["epoch"]) == [1]
+    for column in ("train_loss", "val_loss", "val_accuracy", "epoch_seconds", "samples_per_second"):
+        assert metrics[column].notna().all(), column
+    for rank in (0, 1):
+        samples = read_jsonl(run_dir / f"rank{rank}.jsonl")
+        steps = [s for s in samples if "event" not in s]
+        assert [s["step"] for s in steps] == [20, 40, 60]
+        assert {"loss", "step_ms", "compute_ms", "sync_ms", "cpu_percent", "rss_mb"} <= set(steps[0])
+
+
+def test_all_ranks_end_with_identical_parameters(torchrun_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    run_dir, _ = torchrun_run
+    ends = [read_jsonl(run_dir / f"rank{rank}.jsonl")[-1] for rank in (0, 1)]
+    assert ends[0]["event"] == "end"
+    assert ends[0]["params_sha256"] == ends[1]["params_sha256"] == read_summary(run_dir)["params_sha256"]
+
+
+def test_threads_are_split_between_local_ranks(torchrun_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    _, result = torchrun_run
+    assert re.search(r"rank 0 of 2 \(local 0 of 2\), device cpu, backend gloo, 1 threads", result.stderr)
+
+
+def test_exported_variables_match_torchrun(
+    tmp_path: Path, torchrun_run: tuple[Path, subprocess.CompletedProcess[str]]
+) -> None:
+    """Two processes started by hand with RANK/WORLD_SIZE/... train the same model as torchrun."""
+    run_dir = tmp_path / "by-hand"
+    port = str(free_port())
+    procs = []
+    for rank in (0, 1):
+        env = clean_env(
+            RANK=str(rank),
+            WORLD_SIZE="2",
+            LOCAL_RANK=str(rank),
+            LOCAL_WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+            OMP_NUM_THREADS="1",
+        )
+        cmd = [sys.executable, "-m", "trainer", *QUICK, *STEPS, "--run-dir", str(run_dir)]
+        procs.append(
+            subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
+    outputs = [proc.communicate(timeout=180) for proc in procs]
+    for proc, (_, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err[-3000:]
+    assert read_summary(run_dir)["params_sha256"] == read_summary(torchrun_run[0])["params_sha256"]
+
+
+def test_single_process_learns(tmp_path: Path) -> None:
+    run_dir = tmp_path / "single"
+    result = run_trainer([*QUICK, "--max-steps", "300", "--run-dir", str(run_dir)])
+    assert_ok(result)
+    summary = read_summary(run_dir)
+    assert summary["world_size"] == 1 and summary["sync_ms_per_batch"] == 0
+    assert summary["test_accuracy"] > 0.85, "300 steps of SGD reach well above chance (0.1)"
+    assert "backend none (one process)" in result.stderr
+
+
+def test_adam_and_other_widths_train(tmp_path: Path) -> None:
+    run_dir = tmp_path / "adam"
+    adam = ["--optimizer", "adam", "--lr", "0.001", "--hidden", "64"]
+    result = run_trainer([*QUICK, "--max-steps", "100", *adam, "--run-dir", str(run_dir)])
+    assert_ok(result)
+    summary = read_summary(run_dir)
+    assert summary["parameters"] == 784 * 64 + 64 + 64 * 10 + 10
+    assert summary["test_accuracy"] > 0.8
+
+
+def test_second_invocation_refuses_a_finished_run(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    assert_ok(run_trainer([*QUICK, "--max-steps", "5", "--run-dir", str(run_dir)]))
+    first = read_summary(run_dir)
+    again = run_trainer([*QUICK, "--max-steps", "5", "--run-dir", str(run_dir)])
+    assert again.returncode == 2 and "Traceback" not in again.stderr
+    assert "already holds a finished run" in again.stderr and "--overwrite" in again.stderr
+    assert read_summary(run_dir) == first, "the finished run must be left untouched"
+    replaced = run_trainer([*QUICK, "--max-steps", "7", "--run-dir", str(run_dir), "--overwrite"])
+    assert_ok(replaced)
+    assert read_summary(run_dir)["global_step"] == 7
+
+
+def test_refusal_under_torchrun_stops_every_rank_cleanly(
+    torchrun_run: tuple[Path, subprocess.CompletedProcess[str]],
+) -> None:
+    run_dir, _ = torchrun_run
+    before = (run_dir / "summary.json").read_bytes()
+    result = run_torchrun(2, [*QUICK, *STEPS, "--run-dir", str(run_dir)], timeout=120)
+    assert result.returncode != 0
+    assert "already holds a finished run" in result.stderr
+    assert (run_dir / "summary.json").read_bytes() == before

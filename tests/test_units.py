@@ -1,0 +1,121 @@
+"""Unit tests of the pure pieces: config, environment contract, sampling, data checks."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from trainer.config import TrainConfig, build_parser, parse_config
+from trainer.data import load_mnist
+from trainer.distributed import DistEnv, read_dist_env
+from trainer.errors import UsageError
+from trainer.model import build_model, count_parameters, params_sha256
+from trainer.sampling import EpochPlan, epoch_permutation, split_indices
+
+
+def test_defaults_match_the_documented_ones() -> None:
+    cfg = parse_config([])
+    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.optimizer) == (5, 32, 0.01, 0.9, "sgd")
+    assert (cfg.hidden, cfg.seed, cfg.val_fraction, cfg.max_steps) == ((512, 256), 0, 0.2, None)
+
+
+def test_config_is_frozen_and_round_trips_through_json() -> None:
+    cfg = parse_config(["--hidden", "64,32", "--optimizer", "adam", "--max-steps", "7"])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.epochs = 3  # type: ignore[misc]
+    assert TrainConfig.from_dict(json.loads(cfg.to_json())) == cfg
+
+
+def test_every_field_has_a_documented_flag() -> None:
+    help_text = build_parser().format_help()
+    for field in dataclasses.fields(TrainConfig):
+        assert "--" + field.name.replace("_", "-") in help_text
+        assert field.metadata["help"]
+
+
+def test_hidden_widths_parse_and_reject_garbage() -> None:
+    assert parse_config(["--hidden", "128"]).hidden == (128,)
+    assert parse_config(["--hidden", ""]).hidden == ()
+    with pytest.raises(SystemExit):
+        parse_config(["--hidden", "12,x"])
+    with pytest.raises(UsageError, match="--hidden"):
+        parse_config(["--hidden", "0,5"])
+
+
+def test_no_variables_means_one_process() -> None:
+    assert read_dist_env({}) == DistEnv()
+
+
+def test_torchrun_style_environment() -> None:
+    env = {
+        "RANK": "3",
+        "WORLD_SIZE": "4",
+        "LOCAL_RANK": "1",
+        "LOCAL_WORLD_SIZE": "2",
+        "MASTER_ADDR": "10.0.0.1",
+        "MASTER_PORT": "29500",
+        "TORCHELASTIC_RESTART_COUNT": "2",
+    }
+    assert read_dist_env(env) == DistEnv(3, 4, 1, 2, "10.0.0.1", 29500, 2)
+
+
+def test_local_rank_defaults_to_rank_on_one_node() -> None:
+    env = {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1234"}
+    dist_env = read_dist_env(env)
+    assert (dist_env.local_rank, dist_env.local_world_size) == (1, 2)
+
+
+def test_split_is_deterministic_disjoint_and_complete() -> None:
+    train, val = split_indices(60_000, 0.2, seed=0)
+    assert (len(train), len(val)) == (48_000, 12_000)
+    assert torch.equal(torch.cat([train, val]).sort().values, torch.arange(60_000))
+    again, _ = split_indices(60_000, 0.2, seed=0)
+    other, _ = split_indices(60_000, 0.2, seed=1)
+    assert torch.equal(train, again) and not torch.equal(train, other)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 8])
+def test_ranks_take_disjoint_batches_and_equal_steps(world_size: int) -> None:
+    n, batch = 1_000, 7
+    perm = epoch_permutation(n, seed=0, epoch=2)
+    plans = [EpochPlan(perm, 0, batch, world_size, rank) for rank in range(world_size)]
+    per_rank = [torch.cat(list(plan.batches())) for plan in plans]
+    steps = n // (batch * world_size)
+    assert all(plan.steps == steps for plan in plans)
+    seen = torch.cat(per_rank)
+    assert len(seen) == steps * batch * world_size == len(seen.unique())
+    # Together the ranks consume exactly the first steps*G positions of the epoch's order.
+    assert torch.equal(seen.sort().values, perm[: len(seen)].sort().values)
+
+
+def test_resuming_at_another_world_size_covers_the_rest_exactly() -> None:
+    n, perm = 960, epoch_permutation(960, seed=3, epoch=0)
+    first = [EpochPlan(perm, 0, 8, 2, r) for r in range(2)]
+    done = [torch.cat(list(p.batches()))[: 8 * 10] for p in first]  # 10 steps at world size 2
+    consumed = first[0].consumed_after(10)
+    rest = [torch.cat(list(EpochPlan(perm, consumed, 16, 1, 0).batches()))]
+    everything = torch.cat(done + rest)
+    assert consumed == 160
+    assert len(everything) == n == len(everything.unique())
+
+
+def test_epochs_are_shuffled_differently() -> None:
+    assert not torch.equal(epoch_permutation(100, 0, 0), epoch_permutation(100, 0, 1))
+
+
+def test_bundled_mnist_loads_with_expected_shapes() -> None:
+    data = load_mnist(None)
+    assert data.train_x.shape == (60_000, 784) and data.train_x.dtype == torch.uint8
+    assert data.test_x.shape == (10_000, 784)
+    assert int(data.train_y.max()) == 9 and int(data.test_y.min()) == 0
+
+
+def test_default_model_size_and_fingerprint() -> None:
+    cfg = parse_config([])
+    model = build_model(cfg)
+    assert count_parameters(model) == 535_818
+    assert params_sha256(model) == params_sha256(build_model(cfg))
+    assert params_sha256(model) != params_sha256(build_model(parse_config(["--seed", "1"])))
