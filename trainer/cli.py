@@ -47,13 +47,15 @@ def run(cfg: TrainConfig, dist_env: DistEnv, device: torch.device) -> dict:
     """Train on an initialised process group (or none at world size 1)."""
     run_dir = Path(cfg.run_dir)
     agree_to_start(check_run_dir(run_dir, cfg.overwrite), device)
+    if cfg.download and dist_env.local_rank == 0:
+        download_mnist(cfg.data_dir or "")
+    barrier()  # the download is complete before any rank reads it
+    data = load_mnist(cfg.data_dir)  # bad data fails here, before the run directory is touched
     if dist_env.is_main:
         prepare_run_dir(run_dir, cfg.overwrite)
         write_json(run_dir / "config.json", cfg.to_dict())
-    if cfg.download and dist_env.local_rank == 0:
-        download_mnist(cfg.data_dir or "")
-    barrier()  # outputs prepared and data downloaded before anyone reads or writes
-    return Trainer(cfg, dist_env, device, load_mnist(cfg.data_dir)).train()
+    barrier()  # the run directory exists before any rank writes into it
+    return Trainer(cfg, dist_env, device, data).train()
 
 
 @record

@@ -135,6 +135,7 @@ def download_mnist(data_dir: str) -> None:
         for train in (True, False):
             MNIST(root=data_dir, train=train, download=True)
     except Exception as exc:  # torchvision raises RuntimeError/URLError/OSError
+        reason = " ".join(str(exc).split())[:300]  # torchvision's message spans lines; keep ours on one
         raise UsageError(
-            f"downloading MNIST into {data_dir} failed ({exc}); check the network or drop --download"
+            f"downloading MNIST into {data_dir} failed ({reason}); check the network or drop --download"
         ) from None
