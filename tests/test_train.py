@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import pty
 import re
+import select
+import struct
 import subprocess
 import sys
+import termios
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -147,3 +154,40 @@ def test_refusal_under_torchrun_stops_every_rank_cleanly(
     assert result.returncode != 0
     assert "already holds a finished run" in result.stderr
     assert (run_dir / "summary.json").read_bytes() == before
+
+
+def run_on_terminal(args: list[str], timeout: float = 120) -> str:
+    """Run the trainer with a pseudo-terminal (80 columns) as stdout and stderr; return what it drew."""
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainer", *args], env=clean_env(), cwd=REPO, stdout=follower, stderr=follower
+    )
+    os.close(follower)
+    chunks, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([leader], [], [], 1)
+        if ready:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        elif proc.poll() is not None:
+            break
+    os.close(leader)
+    assert proc.wait(timeout=10) == 0
+    return b"".join(chunks).decode(errors="replace").replace("\r", "\n")
+
+
+def test_progress_bar_on_a_terminal_and_plain_lines_otherwise(tmp_path: Path) -> None:
+    args = ["--epochs", "1", "--max-steps", "200", "--log-every", "50"]
+    drawn = run_on_terminal([*args, "--run-dir", str(tmp_path / "tty")])
+    assert re.search(r"epoch 1/1: .*\| 200/1500 ", drawn), drawn[-2000:]
+    assert "INFO epoch 1 step 50 loss" not in drawn, "the bar replaces the periodic lines"
+    piped = run_trainer([*args, "--run-dir", str(tmp_path / "pipe")])
+    assert_ok(piped)
+    assert "INFO epoch 1 step 50 loss" in piped.stderr
+    assert "/1500" not in piped.stdout + piped.stderr
