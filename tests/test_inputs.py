@@ -52,6 +52,7 @@ def test_bad_environment_is_one_line(tmp_path: Path, env: dict[str, str], fragme
         (["--val-fraction", "1.5"], "--val-fraction"),
         (["--download"], "--download needs --data-dir"),
         (["--backend", "nccl", "--device", "cpu"], "nccl needs CUDA"),
+        (["--batch-size", "50000"], "exceeds the 48000 training samples"),
     ],
 )
 def test_bad_options_are_one_line(tmp_path: Path, args: list[str], fragment: str) -> None:

@@ -21,6 +21,7 @@ from trainer.comm import wrap_model
 from trainer.config import TrainConfig
 from trainer.data import MnistArrays, normalize
 from trainer.distributed import DistEnv
+from trainer.errors import UsageError
 from trainer.fileio import write_json
 from trainer.metrics import (
     RankLog,
@@ -77,6 +78,12 @@ class Trainer:
         self.cfg, self.dist_env, self.device = cfg, dist_env, device
         self.run_dir = Path(cfg.run_dir)
         train_idx, val_idx = split_indices(len(data.train_x), cfg.val_fraction, cfg.seed)
+        global_batch = cfg.batch_size * dist_env.world_size
+        if global_batch > len(train_idx):
+            raise UsageError(
+                f"a global batch of {global_batch} (--batch-size {cfg.batch_size} x {dist_env.world_size} processes) "
+                f"exceeds the {len(train_idx)} training samples; use a smaller --batch-size"
+            )
         # Decoded once: steps only gather rows, with no per-sample Python work.
         self.train_x, self.train_y = normalize(data.train_x[train_idx]).to(device), data.train_y[train_idx].to(device)
         self.val_x, self.val_y = normalize(data.train_x[val_idx]).to(device), data.train_y[val_idx].to(device)
