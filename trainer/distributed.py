@@ -33,6 +33,7 @@ class DistEnv:
     master_addr: str | None = None
     master_port: int | None = None
     restart_count: int = 0
+    run_id: str | None = None  # TORCHELASTIC_RUN_ID: the same for every restart of one launch
 
     @property
     def distributed(self) -> bool:
@@ -111,6 +112,7 @@ def read_dist_env(env: Mapping[str, str] | None = None) -> DistEnv:
         master_addr=master_addr,
         master_port=master_port,
         restart_count=int(restarts) if restarts.isdigit() else 0,
+        run_id=env.get("TORCHELASTIC_RUN_ID") or None,
     )
 
 
