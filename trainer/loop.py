@@ -24,7 +24,7 @@ from trainer.checkpoint import FORMAT, capture_rng, restore_rng, save_checkpoint
 from trainer.comm import wrap_model
 from trainer.config import TrainConfig
 from trainer.data import MnistArrays, normalize
-from trainer.distributed import DistEnv
+from trainer.distributed import DistEnv, barrier
 from trainer.fileio import write_json
 from trainer.metrics import (
     RankLog,
@@ -240,6 +240,9 @@ class Trainer:
                     self.save_checkpoint()
                     mark = time.perf_counter()
                 if stop:
+                    # Nobody leaves before rank 0's checkpoint is on disk: an early exit would make
+                    # torchrun signal rank 0 again, and a second signal exits without finishing.
+                    barrier()
                     raise StopRequested(self.stop.signum or signal.SIGTERM, step)
         self._add_time(mark)
         return steps_done == plan.steps
@@ -360,8 +363,17 @@ class Trainer:
         """Run the remaining epochs, test, write ``summary.json``; returns the summary."""
         wall_started = time.perf_counter()
         if self.samples_log is not None:
+            env = self.dist_env
             self.samples_log.write(
-                {"event": "start", "time": time.time(), "resumed_from_step": self.resumed_from_step or 0}
+                {
+                    "event": "start",
+                    "time": time.time(),
+                    "resumed_from_step": self.resumed_from_step or 0,
+                    "run_id": env.run_id,
+                    "restarts": env.restart_count,
+                    "rank": env.rank,
+                    "world_size": env.world_size,
+                }
             )
         self.sampler.start()
         self.stop.install()

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from types import FrameType
 from typing import Any
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# A repeat this soon after the first signal is the same stop delivered twice, not a second request.
+REPEAT_WINDOW_S = 1.0
 
 
 class StopRequested(Exception):
@@ -28,10 +31,11 @@ class StopRequested(Exception):
 
 
 class StopSignal:
-    """Records the first SIGTERM/SIGINT; the second one gets the signal's default action (exit now)."""
+    """Records the first SIGTERM/SIGINT; a second one (a second or more later) gets the default action: exit now."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self._first_at = 0.0
         self._previous: dict[int, Any] = {}
 
     @property
@@ -50,11 +54,14 @@ class StopSignal:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
+        now = time.monotonic()
+        if self.signum is not None and now - self._first_at < REPEAT_WINDOW_S:
+            return  # the same request arriving twice, e.g. from the scheduler and again through torchrun
         if self.signum is not None:
             os.write(2, f"trainer: second {name}, exiting now without a checkpoint\n".encode())
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        self.signum = signum
+        self.signum, self._first_at = signum, now
         # os.write, not logging: a handler may interrupt a logging call that holds the handler's lock.
         os.write(2, f"trainer: {name} received; stopping at the next checkpoint point (again to exit now)\n".encode())
