@@ -46,9 +46,19 @@ class Launched:
             pytest.fail(f"{self.proc.args} did not finish in {timeout}s\n{self.output()[-6000:]}")
 
     def kill(self) -> None:
+        """SIGKILL the process and everything under it: torchrun starts its workers in their own sessions."""
+        try:
+            root = psutil.Process(self.proc.pid)
+            tree = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            tree = []
+        for process in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=30)
+        psutil.wait_procs(tree, timeout=10)
 
 
 def wait_until(condition: Callable[[], Any], timeout: float, what: str, proc: Launched | None = None) -> Any:
