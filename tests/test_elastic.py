@@ -10,6 +10,8 @@ from pathlib import Path
 from conftest import clean_env, free_port, read_summary
 from faults import Launched, first_steps, latest_step, trained_positions, wait_until
 
+from trainer.sampling import epoch_permutation
+
 TRAIN_SPLIT = 48_000
 
 
@@ -41,6 +43,8 @@ def agent_cmd(port: int, is_host: bool, run_dir: Path) -> list[str]:
         "5",
         "--checkpoint-every",
         "10",
+        "--max-steps",
+        "50",
         "--record-samples",
     ]
 
@@ -65,9 +69,13 @@ def test_a_node_leaves_and_the_survivor_continues_alone_from_the_checkpoint(tmp_
     assert summary["restarts"] >= 1
     assert summary["resumed_from_step"] >= 20 and summary["resumed_from_step"] % 10 == 0
     assert "written at world size 2 (now 1), batch per rank 250 (now 250)" in host.output()
+    # --batch-size 250 per process: 500 samples a step at two nodes, 250 at one. The samples trained
+    # are exactly the epoch's order up to the position reached: none skipped, none twice.
+    resumed = summary["resumed_from_step"]
+    reached = resumed * 500 + (50 - resumed) * 250
     positions = trained_positions(run_dir)[1]
-    # --batch-size 250 per process: 500 a step at two nodes, 250 at one; the epoch has no ragged tail.
-    assert len(positions) == len(set(positions)) == TRAIN_SPLIT
+    assert len(positions) == len(set(positions)) == reached
+    assert set(positions) == set(epoch_permutation(TRAIN_SPLIT, 0, 0)[:reached].tolist())
 
 
 def test_first_signal_stops_gracefully_second_exits_at_once(tmp_path: Path) -> None:
