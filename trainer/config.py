@@ -53,14 +53,18 @@ class TrainConfig:
     )
     device: str = _opt("auto", "Device; auto picks CUDA when available.", ("auto", "cpu", "cuda"))
     timeout: float = _opt(120.0, "Seconds a collective may wait for a peer before the run fails instead of hanging.")
-    log_every: int = _opt(100, "Log progress and record a per-rank step sample every N steps.")
+    log_every: int = _opt(
+        100, "Log progress, record a per-rank step sample and act on a stop signal (SIGTERM/SIGINT) every N steps."
+    )
     log_all_ranks: bool = _opt(False, "Log INFO from every rank, not only rank 0.")
     overwrite: bool = _opt(
         False,
         "Replace whatever an earlier run left in --run-dir and --checkpoint-dir (once per launch: workers that "
         "torchrun restarts resume instead).",
     )
-    checkpoint_dir: str | None = _opt(None, "Directory for checkpoints (default: RUN_DIR/checkpoints).")
+    checkpoint_dir: str | None = _opt(
+        None, "Directory for checkpoints, on storage every node can read; unset means RUN_DIR/checkpoints."
+    )
     checkpoint_every: int = _opt(200, "Write a checkpoint every N optimiser steps, and at each epoch end.")
     keep_checkpoints: int = _opt(3, "Keep the newest K checkpoints, delete older ones.")
     resume: str = _opt(
