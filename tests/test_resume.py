@@ -13,6 +13,10 @@ import pytest
 from conftest import assert_ok, clean_env, read_summary, run_torchrun, run_trainer, torchrun_cmd
 from faults import Launched, first_steps, latest_step, metrics_rows, trained_positions, wait_until, workers
 
+from trainer.config import TrainConfig
+from trainer.distributed import DistEnv
+from trainer.rundir import prepare_run_dir, starts_fresh
+
 # 2 ranks x 250 = 500 samples a step: 96 steps an epoch, 192 in all; checkpoints every 15 steps
 # and at step 96, so a kill lands mid-epoch with steps to redo. A narrower model keeps it quick.
 ARGS = ("--hidden", "256", "--batch-size", "250", "--epochs", "2", "--log-every", "5", "--checkpoint-every", "15")
@@ -60,7 +64,9 @@ def test_sigkill_of_a_worker_restarts_and_finishes_with_the_same_model(
     tmp_path: Path, baseline: dict[str, Any]
 ) -> None:
     run_dir = tmp_path / "run"
-    job = Launched(torchrun_cmd(2, trainer_args(run_dir), ["--max-restarts=3"]), clean_env(), tmp_path, "torchrun")
+    # --overwrite as well: it must clear the run directory once, not again when torchrun restarts the workers.
+    args = trainer_args(run_dir, "--overwrite")
+    job = Launched(torchrun_cmd(2, args, ["--max-restarts=3"]), clean_env(), tmp_path, "torchrun")
     wait_until(lambda: latest_step(run_dir) >= 40, 120, "step 40", job)
     victim = workers(job.pid)[0]  # rank 0: the checkpoint writer
     killed_at = time.time()
@@ -121,6 +127,16 @@ def test_resume_at_another_world_size_skips_and_repeats_no_sample(tmp_path: Path
     assert "written at world size 1 (now 2), batch per rank 500 (now 250)" in again.stderr
     assert read_summary(run_dir)["global_step"] == 96
     assert_every_sample_once(run_dir, epochs=1)
+
+
+def test_overwrite_applies_once_per_launch(tmp_path: Path) -> None:
+    cfg = TrainConfig(run_dir=str(tmp_path), overwrite=True)
+    prepare_run_dir(cfg, fresh=True, run_id="launch-1")
+    assert starts_fresh(cfg, DistEnv(world_size=2, run_id="launch-2"))  # a new launch starts over
+    assert not starts_fresh(cfg, DistEnv(world_size=2, run_id="launch-1"))  # a restart of this one resumes
+    assert not starts_fresh(cfg, DistEnv(world_size=2, run_id="launch-2", restart_count=1))
+    assert starts_fresh(cfg, DistEnv(run_id=None))  # a plain process: every start is a new launch
+    assert not starts_fresh(TrainConfig(run_dir=str(tmp_path)), DistEnv())
 
 
 def test_global_batch_that_does_not_divide_is_refused(tmp_path: Path) -> None:
