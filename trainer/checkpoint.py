@@ -159,7 +159,10 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         expected_bytes, expected_sha = int(manifest["bytes"]), str(manifest["sha256"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{manifest_path} is unreadable ({exc})") from None
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"{path} cannot be read ({exc.strerror or exc})") from None
     if len(data) != expected_bytes:
         raise CheckpointError(f"{path} is truncated or padded: {len(data)} bytes, manifest says {expected_bytes}")
     if hashlib.sha256(data).hexdigest() != expected_sha:
