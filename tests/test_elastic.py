@@ -44,7 +44,7 @@ def agent_cmd(port: int, is_host: bool, run_dir: Path) -> list[str]:
         "--checkpoint-every",
         "10",
         "--max-steps",
-        "50",
+        "60",
         "--record-samples",
     ]
 
@@ -72,7 +72,7 @@ def test_a_node_leaves_and_the_survivor_continues_alone_from_the_checkpoint(tmp_
     # --batch-size 250 per process: 500 samples a step at two nodes, 250 at one. The samples trained
     # are exactly the epoch's order up to the position reached: none skipped, none twice.
     resumed = summary["resumed_from_step"]
-    reached = resumed * 500 + (50 - resumed) * 250
+    reached = resumed * 500 + (60 - resumed) * 250
     positions = trained_positions(run_dir)[1]
     assert len(positions) == len(set(positions)) == reached
     assert set(positions) == set(epoch_permutation(TRAIN_SPLIT, 0, 0)[:reached].tolist())
