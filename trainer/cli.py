@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from trainer.checkpoint import check_writable, choose_checkpoint, compatibility, set_aside_newer
 from trainer.config import TrainConfig, parse_config
 from trainer.data import download_mnist, load_mnist
 from trainer.distributed import (
@@ -27,7 +28,8 @@ from trainer.errors import UsageError
 from trainer.fileio import write_json
 from trainer.logs import setup_logging
 from trainer.loop import Trainer
-from trainer.rundir import check_run_dir, prepare_run_dir
+from trainer.rundir import check_run_dir, prepare_run_dir, starts_fresh
+from trainer.signals import StopRequested
 
 log = logging.getLogger("trainer")
 
@@ -43,19 +45,87 @@ def agree_to_start(reason: str | None, device: torch.device) -> None:
         raise UsageError(reason or "another rank refused to start; see rank 0's error")
 
 
+def agree_on_step(step: int, device: torch.device) -> None:
+    """Every rank must resume from the same step (else the checkpoint directory is not shared)."""
+    if not dist.is_initialized():
+        return
+    bounds = torch.tensor([float(step), -float(step)], dtype=torch.float64, device=device)
+    dist.all_reduce(bounds, op=dist.ReduceOp.MAX)
+    if bounds[0].item() != -bounds[1].item():
+        raise UsageError(
+            "the ranks found different checkpoints to resume from; --checkpoint-dir must be one directory that "
+            "every node can read (shared storage)"
+        )
+
+
+def pick_checkpoint(cfg: TrainConfig, device: torch.device) -> tuple[Path, dict] | None:
+    """The checkpoint to resume from, agreed by all ranks; incompatible ones are refused by name."""
+    reason = None
+    try:
+        chosen = choose_checkpoint(cfg)
+    except UsageError as exc:
+        chosen, reason = None, str(exc)
+    if chosen is not None:
+        refused, changed = compatibility(chosen[1]["config"], cfg)
+        if refused:
+            reason = (
+                f"checkpoint {chosen[0]} cannot continue this run, its settings differ: {'; '.join(refused)}. "
+                "Use the checkpoint's values, or start over with --overwrite or a new --run-dir"
+            )
+        elif changed:
+            log.info("settings that differ from the checkpoint's (the current ones apply): %s", "; ".join(changed))
+    agree_to_start(reason, device)
+    agree_on_step(chosen[1]["train_state"]["global_step"] if chosen else 0, device)
+    return chosen
+
+
+def log_resume(path: Path, payload: dict, trainer: Trainer) -> None:
+    state, cfg = trainer.state, trainer.cfg
+    log.info(
+        "resuming from %s: step %d, epoch %d of %d at sample %d of %d, written at world size %d "
+        "(now %d), batch per rank %d (now %d)",
+        path,
+        state.global_step,
+        state.epoch + 1,
+        cfg.epochs,
+        state.consumed,
+        len(trainer.train_x),
+        payload["world_size"],
+        trainer.dist_env.world_size,
+        payload["batch_size"],
+        trainer.batch_size,
+    )
+
+
 def run(cfg: TrainConfig, dist_env: DistEnv, device: torch.device) -> dict:
-    """Train on an initialised process group (or none at world size 1)."""
+    """Prepare or resume the run on an initialised process group (or none at world size 1), then train."""
     run_dir = Path(cfg.run_dir)
-    agree_to_start(check_run_dir(run_dir, cfg.overwrite), device)
+    fresh = starts_fresh(cfg, dist_env)
+    if cfg.overwrite and not fresh:
+        log.info("--overwrite applied at this launch's first start; this restart resumes instead")
+    agree_to_start(check_run_dir(cfg, fresh), device)
     if cfg.download and dist_env.local_rank == 0:
         download_mnist(cfg.data_dir or "")
     barrier()  # the download is complete before any rank reads it
     data = load_mnist(cfg.data_dir)  # bad data fails here, before the run directory is touched
     if dist_env.is_main:
-        prepare_run_dir(run_dir, cfg.overwrite)
+        prepare_run_dir(cfg, fresh, dist_env.run_id)
         write_json(run_dir / "config.json", cfg.to_dict())
-    barrier()  # the run directory exists before any rank writes into it
-    return Trainer(cfg, dist_env, device, data).train()
+    # Only rank 0 writes checkpoints, but every rank must know it can, or they all stop now.
+    # (This collective also keeps every rank out of the run directory until rank 0 has prepared it.)
+    agree_to_start(check_writable(cfg.checkpoint_root) if dist_env.is_main else None, device)
+    chosen = pick_checkpoint(cfg, device)
+    trainer = Trainer(cfg, dist_env, device, data)
+    if chosen is not None:
+        trainer.load_state_dict(chosen[1])
+        log_resume(chosen[0], chosen[1], trainer)
+    elif cfg.resume == "auto":
+        log.info("no checkpoint in %s; starting at step 0", cfg.checkpoint_root)
+    if dist_env.is_main:
+        moved = set_aside_newer(cfg.checkpoint_root, trainer.state.global_step)
+        if moved:
+            log.warning("set aside checkpoint files newer than the resumed step: %s", ", ".join(moved))
+    return trainer.train()
 
 
 @record
@@ -66,6 +136,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         dist_env = read_dist_env()
         setup_logging(dist_env.rank, cfg.log_all_ranks)
         threads, source = configure_threads(dist_env)
+        cfg.per_rank_batch(dist_env.world_size)  # an uneven --global-batch-size fails before any waiting
         device = resolve_device(cfg.device, dist_env)
         backend = resolve_backend(cfg.backend, device)
         log.info("config:\n%s", cfg.to_json())
@@ -83,6 +154,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         init_process_group(dist_env, backend, device, cfg.timeout)
         try:
             run(cfg, dist_env, device)
+        except StopRequested as stop:
+            log.warning("%s; exiting with %d so the launcher knows the run is unfinished", stop, stop.exit_code)
+            raise SystemExit(stop.exit_code) from None
         finally:
             destroy_process_group()
     except UsageError as exc:

@@ -13,6 +13,7 @@ import types
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from trainer.errors import UsageError
@@ -27,7 +28,14 @@ class TrainConfig:
     """Everything that defines a run. Immutable once built."""
 
     epochs: int = _opt(5, "Passes over the training split.")
-    batch_size: int = _opt(32, "Samples per process per step (the global batch is this times the world size).")
+    batch_size: int = _opt(
+        32, "Samples per process per step; the global batch is this times the world size, so it follows the world size."
+    )
+    global_batch_size: int | None = _opt(
+        None,
+        "Samples per step over all processes; overrides --batch-size with global / world size, so optimisation is "
+        "the same at any world size (it must divide evenly).",
+    )
     lr: float = _opt(0.01, "Learning rate.")
     momentum: float = _opt(0.9, "SGD momentum (ignored by Adam).")
     optimizer: str = _opt("sgd", "Optimiser.", choices=("sgd", "adam"))
@@ -45,9 +53,28 @@ class TrainConfig:
     )
     device: str = _opt("auto", "Device; auto picks CUDA when available.", ("auto", "cpu", "cuda"))
     timeout: float = _opt(120.0, "Seconds a collective may wait for a peer before the run fails instead of hanging.")
-    log_every: int = _opt(100, "Log progress and record a per-rank step sample every N steps.")
+    log_every: int = _opt(
+        100, "Log progress, record a per-rank step sample and act on a stop signal (SIGTERM/SIGINT) every N steps."
+    )
     log_all_ranks: bool = _opt(False, "Log INFO from every rank, not only rank 0.")
-    overwrite: bool = _opt(False, "Replace whatever an earlier run left in --run-dir.")
+    overwrite: bool = _opt(
+        False,
+        "Replace whatever an earlier run left in --run-dir and --checkpoint-dir (once per launch: workers that "
+        "torchrun restarts resume instead).",
+    )
+    checkpoint_dir: str | None = _opt(
+        None, "Directory for checkpoints, on storage every node can read; unset means RUN_DIR/checkpoints."
+    )
+    checkpoint_every: int = _opt(200, "Write a checkpoint every N optimiser steps, and at each epoch end.")
+    keep_checkpoints: int = _opt(3, "Keep the newest K checkpoints, delete older ones.")
+    resume: str = _opt(
+        "auto",
+        "auto: continue from the newest valid checkpoint in --checkpoint-dir if there is one; never: refuse to "
+        "start over existing checkpoints; or the path of a checkpoint (.pt) to continue from.",
+    )
+    record_samples: bool = _opt(
+        False, "Debugging: each process writes the training-split positions of every batch it trains on."
+    )
 
     def __post_init__(self) -> None:
         checks = [
@@ -60,11 +87,33 @@ class TrainConfig:
             (self.max_steps is None or self.max_steps >= 1, "--max-steps must be at least 1"),
             (self.timeout > 0, "--timeout must be positive"),
             (self.log_every >= 1, "--log-every must be at least 1"),
+            (self.global_batch_size is None or self.global_batch_size >= 1, "--global-batch-size must be at least 1"),
+            (self.checkpoint_every >= 1, "--checkpoint-every must be at least 1"),
+            (self.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1"),
+            (self.resume.strip() != "", "--resume needs auto, never or a checkpoint path"),
             (not self.download or self.data_dir is not None, "--download needs --data-dir DIR to download into"),
         ]
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)
+
+    @property
+    def checkpoint_root(self) -> Path:
+        """Where checkpoints go: ``--checkpoint-dir``, else ``RUN_DIR/checkpoints``."""
+        return Path(self.checkpoint_dir) if self.checkpoint_dir else Path(self.run_dir) / "checkpoints"
+
+    def per_rank_batch(self, world_size: int) -> int:
+        """Samples each process takes per step at ``world_size``."""
+        if self.global_batch_size is None:
+            return self.batch_size
+        if self.global_batch_size % world_size:
+            low = self.global_batch_size // world_size * world_size
+            hint = f"e.g. {low} or {low + world_size}" if low else f"e.g. {world_size}"
+            raise UsageError(
+                f"--global-batch-size {self.global_batch_size} does not divide over {world_size} processes; "
+                f"pick a multiple of {world_size} ({hint}), or use --batch-size for a per-process batch"
+            )
+        return self.global_batch_size // world_size
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready values (tuples become lists)."""

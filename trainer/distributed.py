@@ -33,6 +33,8 @@ class DistEnv:
     master_addr: str | None = None
     master_port: int | None = None
     restart_count: int = 0
+    run_id: str | None = None  # TORCHELASTIC_RUN_ID: the same for every restart of one launch
+    agent_store: bool = False  # TORCHELASTIC_USE_AGENT_STORE: MASTER_PORT is torchrun's store, shared by restarts
 
     @property
     def distributed(self) -> bool:
@@ -111,6 +113,8 @@ def read_dist_env(env: Mapping[str, str] | None = None) -> DistEnv:
         master_addr=master_addr,
         master_port=master_port,
         restart_count=int(restarts) if restarts.isdigit() else 0,
+        run_id=env.get("TORCHELASTIC_RUN_ID") or None,
+        agent_store=env.get("TORCHELASTIC_USE_AGENT_STORE") == "True",
     )
 
 
@@ -170,13 +174,25 @@ def init_process_group(dist_env: DistEnv, backend: str, device: torch.device, ti
         return
     os.environ.setdefault("MASTER_ADDR", str(dist_env.master_addr))
     os.environ.setdefault("MASTER_PORT", str(dist_env.master_port))
+    timeout = timedelta(seconds=timeout_s)
+    store_args: dict = {"init_method": "env://"}
+    if dist_env.agent_store:
+        # torchrun serves one store for all restarts and env:// adds no per-attempt prefix, so a
+        # restarted group can read the dead group's gloo addresses ("Connection refused" at init).
+        # Failures raise the restart count and membership changes the world size: together they
+        # name each attempt.
+        store = dist.TCPStore(
+            str(dist_env.master_addr), int(dist_env.master_port or 0), is_master=False, timeout=timeout
+        )
+        prefix = f"trainer/restart-{dist_env.restart_count}/world-{dist_env.world_size}"
+        store_args = {"store": dist.PrefixStore(prefix, store)}
     dist.init_process_group(
         backend=backend,
-        init_method="env://",
         rank=dist_env.rank,
         world_size=dist_env.world_size,
-        timeout=timedelta(seconds=timeout_s),
+        timeout=timeout,
         device_id=device if device.type == "cuda" else None,
+        **store_args,
     )
 
 

@@ -1,4 +1,4 @@
-"""What an earlier run left in the run directory, and whether this run may start there."""
+"""What an earlier run left in the run directory, and whether this run may start or resume there."""
 
 from __future__ import annotations
 
@@ -6,7 +6,12 @@ import json
 import shutil
 from pathlib import Path
 
+from trainer.checkpoint import list_checkpoints, remove_all
+from trainer.config import TrainConfig
+from trainer.distributed import DistEnv
 from trainer.errors import UsageError
+
+LAUNCH_FILE = "launch.json"
 
 
 def describe_finished(summary_path: Path) -> str:
@@ -17,9 +22,33 @@ def describe_finished(summary_path: Path) -> str:
         return "its summary.json is unreadable"
 
 
-def check_run_dir(run_dir: Path, overwrite: bool) -> str | None:
-    """Why this run must not start in ``run_dir``, or None when it may (never deletes anything)."""
-    if overwrite or not run_dir.exists():
+def starts_fresh(cfg: TrainConfig, dist_env: DistEnv) -> bool:
+    """Whether ``--overwrite`` clears earlier outputs now.
+
+    It applies once per launch: workers that torchrun restarts (same TORCHELASTIC_RUN_ID, or a
+    restart count above 0) must resume, not wipe the checkpoints the first start wrote.
+    """
+    if not cfg.overwrite:
+        return False
+    if dist_env.restart_count > 0:
+        return False
+    if dist_env.run_id in (None, "none"):  # "none" is torchrun's default id, shared by unrelated launches
+        return True
+    try:
+        recorded = json.loads((Path(cfg.run_dir) / LAUNCH_FILE).read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return True
+    return recorded != dist_env.run_id
+
+
+def check_run_dir(cfg: TrainConfig, fresh: bool) -> str | None:
+    """Why this run must not start in ``--run-dir``, or None when it may (never deletes anything).
+
+    A finished run is never continued. An unfinished one is resumed under ``--resume auto`` (from
+    its newest checkpoint, or from step 0 if it has none) and refused under ``--resume never``.
+    """
+    run_dir = Path(cfg.run_dir)
+    if fresh:
         return None
     summary = run_dir / "summary.json"
     if summary.exists():
@@ -27,18 +56,32 @@ def check_run_dir(run_dir: Path, overwrite: bool) -> str | None:
             f"{run_dir} already holds a finished run ({describe_finished(summary)}); "
             "pick a new --run-dir, or add --overwrite to replace it"
         )
+    if cfg.resume != "never":
+        return None
+    if list_checkpoints(cfg.checkpoint_root):
+        return (
+            f"--resume never, but {cfg.checkpoint_root} holds checkpoints of an earlier run; use --resume auto to "
+            "continue it, or add --overwrite to delete them and start over"
+        )
     if (run_dir / "config.json").exists():
-        return f"{run_dir} holds an unfinished earlier run; pick a new --run-dir, or add --overwrite to start over"
+        return (
+            f"{run_dir} holds an unfinished earlier run; use --resume auto to continue it, pick a new --run-dir, "
+            "or add --overwrite to start over"
+        )
     return None
 
 
-def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Create the run directory; with ``overwrite`` clear what an earlier run left (rank 0 only)."""
-    if overwrite and run_dir.exists():
+def prepare_run_dir(cfg: TrainConfig, fresh: bool, run_id: str | None) -> None:
+    """Create the run directory; when ``fresh``, clear what an earlier run left (rank 0 only)."""
+    run_dir = Path(cfg.run_dir)
+    if fresh and run_dir.exists():
         if not run_dir.is_dir():
             raise UsageError(f"--run-dir {run_dir} is a file; pass a directory path")
         shutil.rmtree(run_dir)
+    if fresh:
+        remove_all(cfg.checkpoint_root)  # only checkpoint files: --checkpoint-dir may hold other things
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / LAUNCH_FILE).write_text(json.dumps({"run_id": run_id}) + "\n")
     except OSError as exc:
         raise UsageError(f"cannot create --run-dir {run_dir} ({exc.strerror}); pass a writable directory") from None

@@ -1,0 +1,141 @@
+"""Helpers for fault tests: start the real trainer, watch its progress, find and signal its workers."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from conftest import REPO
+
+# Columns of metrics.csv that an interrupted run must reproduce exactly (the rest are timings).
+EXACT_COLUMNS = ("epoch", "global_step", "train_loss", "val_loss", "val_accuracy")
+
+
+class Launched:
+    """A process started in its own session, its output going to files (no pipe can fill up)."""
+
+    def __init__(self, cmd: Sequence[str], env: dict[str, str], log_dir: Path, name: str) -> None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.stdout_path, self.stderr_path = log_dir / f"{name}.out", log_dir / f"{name}.err"
+        with self.stdout_path.open("w") as out, self.stderr_path.open("w") as err:
+            self.proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=out, stderr=err, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def output(self) -> str:
+        return self.stdout_path.read_text() + self.stderr_path.read_text()
+
+    def wait(self, timeout: float) -> int:
+        """Exit status; on timeout kill the whole session and fail the test."""
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"{self.proc.args} did not finish in {timeout}s\n{self.output()[-6000:]}")
+
+    def kill(self) -> None:
+        """SIGKILL the process and everything under it: torchrun starts its workers in their own sessions."""
+        try:
+            root = psutil.Process(self.proc.pid)
+            tree = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            tree = []
+        for process in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+        psutil.wait_procs(tree, timeout=10)
+
+
+def wait_until(condition: Callable[[], Any], timeout: float, what: str, proc: Launched | None = None) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        if proc is not None and proc.proc.poll() is not None:
+            pytest.fail(f"process exited ({proc.proc.returncode}) before {what}\n{proc.output()[-6000:]}")
+        time.sleep(0.02)
+    pytest.fail(f"timed out after {timeout}s waiting for {what}")
+
+
+def records(path: Path) -> list[dict[str, Any]]:
+    """JSON lines of a file that may still be written (a torn last line is skipped)."""
+    out = []
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return out
+    for line in text.splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def latest_step(run_dir: Path) -> int:
+    """The highest step any rank has logged so far (0 before the first window)."""
+    steps = [r.get("step", 0) for path in run_dir.glob("rank*.jsonl") for r in records(path) if "event" not in r]
+    return max(steps, default=0)
+
+
+def workers(launcher_pid: int) -> dict[int, psutil.Process]:
+    """The trainer processes under a launcher, by their RANK."""
+    found = {}
+    for child in psutil.Process(launcher_pid).children(recursive=True):
+        try:
+            env = child.environ()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if "RANK" in env and "trainer" in child.cmdline():
+            found[int(env["RANK"])] = child
+    return found
+
+
+def metrics_rows(run_dir: Path) -> list[dict[str, str]]:
+    with (run_dir / "metrics.csv").open() as handle:
+        return [{k: row[k] for k in EXACT_COLUMNS} for row in csv.DictReader(handle)]
+
+
+def first_steps(run_dir: Path) -> list[dict[str, Any]]:
+    """The ``first_step`` events of every process that trained in ``run_dir``."""
+    return [r for path in run_dir.glob("rank*.jsonl") for r in records(path) if r.get("event") == "first_step"]
+
+
+def trained_positions(run_dir: Path) -> dict[int, list[int]]:
+    """Epoch -> the training positions of every step that counts, from ``--record-samples`` files.
+
+    A process that was killed may have trained past the checkpoint that the next attempt resumed
+    from; those steps were redone, so a step counts only from the latest attempt that trained it.
+    """
+    attempts: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for path in sorted((run_dir / "samples").glob("*.jsonl")):
+        lines = records(path)
+        start = lines[0]
+        key = (start["run_id"], start["restarts"]) if start["run_id"] else (path.name,)
+        attempt = attempts.setdefault(key, {"time": start["time"], "resumed": start["resumed_from_step"], "steps": []})
+        attempt["time"] = min(attempt["time"], start["time"])
+        attempt["steps"] += [r for r in lines[1:] if "positions" in r]
+    ordered = sorted(attempts.values(), key=lambda a: a["time"])
+    by_epoch: dict[int, list[int]] = {}
+    for index, attempt in enumerate(ordered):
+        redone_after = min((later["resumed"] for later in ordered[index + 1 :]), default=None)
+        for record in attempt["steps"]:
+            if redone_after is None or record["step"] <= redone_after:
+                by_epoch.setdefault(record["epoch"], []).extend(record["positions"])
+    return by_epoch

@@ -1,0 +1,266 @@
+"""Checkpoint files: atomic, verified, safe to load, pruned; bad ones are skipped or refused, good ones kept."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_ok, clean_env, run_process, run_trainer
+
+from trainer.checkpoint import (
+    CheckpointError,
+    capture_rng,
+    compatibility,
+    list_checkpoints,
+    newest_valid,
+    read_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+from trainer.config import TrainConfig
+
+SMALL = ("--hidden", "64", "--batch-size", "64", "--log-every", "10", "--checkpoint-every", "10", "--epochs", "1")
+
+
+def payload(step: int, **extra: Any) -> dict[str, Any]:
+    return {
+        "format": 1,
+        "train_state": {"epoch": 0, "consumed": step * 10, "global_step": step},
+        "world_size": 2,
+        "weights": torch.arange(6, dtype=torch.float32) * step,
+        **extra,
+    }
+
+
+def code_running_checkpoint(path: Path, marker: Path) -> None:
+    """A checkpoint whose unpickling would run ``touch MARKER``, with a manifest that matches its bytes."""
+
+    class RunsCode:
+        def __reduce__(self) -> tuple[Any, ...]:
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"format": 1, "model": RunsCode()}, path)
+    data = path.read_bytes()
+    manifest = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "step": 0}
+    path.with_suffix(".json").write_text(json.dumps(manifest))
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# -- the files, in process --------------------------------------------------------------
+def test_save_writes_a_verifiable_pair_and_prunes_to_keep(tmp_path: Path) -> None:
+    for step in (10, 20, 30, 40):
+        save_checkpoint(tmp_path, step, payload(step), keep=3)
+    (tmp_path / ".step-00000050.pt.abc.tmp").write_bytes(b"left by a killed write")
+    save_checkpoint(tmp_path, 50, payload(50), keep=3)
+    assert sorted(os.listdir(tmp_path)) == [f"step-000000{s}.{ext}" for s in (30, 40, 50) for ext in ("json", "pt")]
+    manifest = json.loads((tmp_path / "step-00000050.json").read_text())
+    assert manifest["sha256"] == digest(tmp_path / "step-00000050.pt")
+    assert manifest["samples_consumed_in_epoch"] == 500 and manifest["world_size"] == 2
+    path, loaded = newest_valid(tmp_path)
+    assert path.name == "step-00000050.pt" and torch.equal(loaded["weights"], payload(50)["weights"])
+
+
+def test_rng_states_survive_weights_only_loading(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    np.random.seed(2)
+    random.seed(3)
+    save_checkpoint(tmp_path, 1, payload(1, rng=capture_rng()), keep=1)
+    expected = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)])
+    torch.manual_seed(99)
+    np.random.seed(99)
+    random.seed(99)
+    restore_rng(read_checkpoint(tmp_path / "step-00000001.pt")["rng"])
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.rand(3), expected[1])
+    assert [random.random() for _ in range(3)] == expected[2]
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]), "is truncated or padded"),
+        (lambda p: p.write_bytes(os.urandom(len(p.read_bytes()))), "fails its SHA-256 check"),
+        (lambda p: p.with_suffix(".json").unlink(), "has no manifest"),
+        (lambda p: p.with_suffix(".json").write_text("{not json"), "is unreadable"),
+    ],
+    ids=["truncated", "random-bytes", "no-manifest", "bad-manifest"],
+)
+def test_damaged_checkpoints_are_detected_and_the_older_one_is_used(
+    tmp_path: Path, damage: Any, message: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    save_checkpoint(tmp_path, 10, payload(10), keep=3)
+    good = digest(tmp_path / "step-00000010.pt")
+    save_checkpoint(tmp_path, 20, payload(20), keep=3)
+    damage(tmp_path / "step-00000020.pt")
+    with pytest.raises(CheckpointError, match=message):
+        read_checkpoint(tmp_path / "step-00000020.pt")
+    path, _ = newest_valid(tmp_path)
+    assert path.name == "step-00000010.pt" and digest(path) == good
+    assert "skipping checkpoint" in caplog.text and message in caplog.text
+
+
+def test_a_pickle_that_runs_code_is_refused_and_never_run(tmp_path: Path) -> None:
+    marker = tmp_path / "code-ran"
+    code_running_checkpoint(tmp_path / "step-00000001.pt", marker)
+    with pytest.raises(CheckpointError, match=r"refused by the safe loader \(weights_only=True\)"):
+        read_checkpoint(tmp_path / "step-00000001.pt")
+    assert not marker.exists()
+    # The payload is live: an unsafe load would have run it.
+    torch.load(tmp_path / "step-00000001.pt", weights_only=False)
+    assert marker.exists()
+
+
+def test_compatibility_names_each_field_that_forbids_resuming() -> None:
+    saved = TrainConfig().to_dict()
+    refused, changed = compatibility(saved, TrainConfig(hidden=(32,), optimizer="adam", lr=0.5))
+    assert [line.split(":")[0] for line in refused] == ["hidden", "optimizer"]
+    assert refused[0] == "hidden: [512, 256] in the checkpoint, [32] now"
+    assert [line.split(":")[0] for line in changed] == ["lr"]
+
+
+# -- the trainer, as a real process -----------------------------------------------------
+@pytest.fixture(scope="module")
+def good_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A short one-process run that leaves valid checkpoints at steps 10 and 20."""
+    run_dir = tmp_path_factory.mktemp("good") / "run"
+    assert_ok(run_trainer([*SMALL, "--run-dir", str(run_dir), "--max-steps", "20"]))
+    return run_dir / "checkpoints"
+
+
+def copy_checkpoints(source: Path, run_dir: Path) -> Path:
+    shutil.copytree(source, run_dir / "checkpoints")
+    return run_dir / "checkpoints"
+
+
+def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 2, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("trainer: error: ")
+    return last
+
+
+def test_resume_auto_skips_every_kind_of_bad_checkpoint_and_keeps_the_good_ones(
+    tmp_path: Path, good_checkpoints: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    ckpt = copy_checkpoints(good_checkpoints, run_dir)
+    good = {p.name: digest(p) for p in ckpt.iterdir()}
+    newest = ckpt / "step-00000020.pt"
+    (ckpt / "step-00000030.pt").write_bytes(newest.read_bytes()[:1000])  # truncated
+    shutil.copy(newest.with_suffix(".json"), ckpt / "step-00000030.json")
+    (ckpt / "step-00000040.pt").write_bytes(os.urandom(newest.stat().st_size))  # random bytes
+    shutil.copy(newest.with_suffix(".json"), ckpt / "step-00000040.json")
+    marker = tmp_path / "code-ran"
+    code_running_checkpoint(ckpt / "step-00000050.pt", marker)
+    shutil.copy(newest, ckpt / "step-00000060.pt")  # a write that never got its manifest
+
+    result = run_trainer([*SMALL, "--run-dir", str(run_dir), "--max-steps", "30"])
+    assert_ok(result)
+    warnings = [line for line in result.stderr.splitlines() if "skipping checkpoint" in line]
+    assert [w.split("checkpoints/")[1].split(".pt")[0] for w in warnings] == [
+        "step-00000060",
+        "step-00000050",
+        "step-00000040",
+        "step-00000030",
+    ]
+    assert "resuming from" in result.stderr and "step-00000020.pt: step 20" in result.stderr
+    assert not marker.exists()
+    assert {name: digest(ckpt / name) for name in good} == good
+    # The bad files are set aside, so a later resume cannot pick them; step 30 is written afresh.
+    assert (ckpt / "step-00000050.pt.stale").exists()
+    assert read_checkpoint(ckpt / "step-00000030.pt")["train_state"]["global_step"] == 30
+
+
+@pytest.mark.parametrize("kind", ["missing", "runs-code", "truncated"])
+def test_resume_path_that_cannot_be_used_is_a_one_line_error(tmp_path: Path, good_checkpoints: Path, kind: str) -> None:
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "given" / "step-00000007.pt"
+    path.parent.mkdir()
+    if kind == "runs-code":
+        code_running_checkpoint(path, marker)
+    elif kind == "truncated":
+        shutil.copy(good_checkpoints / "step-00000020.json", path.with_suffix(".json"))
+        path.write_bytes((good_checkpoints / "step-00000020.pt").read_bytes()[:-10])
+    result = run_trainer([*SMALL, "--run-dir", str(tmp_path / "run"), "--resume", str(path)])
+    error = one_line_error(result)
+    expected = {"missing": "no such checkpoint", "runs-code": "refused by the safe loader", "truncated": "truncated"}
+    assert expected[kind] in error and str(path) in error
+    assert not marker.exists()
+
+
+def test_checkpoint_of_another_model_shape_is_refused_naming_the_fields(tmp_path: Path, good_checkpoints: Path) -> None:
+    run_dir = tmp_path / "run"
+    ckpt = copy_checkpoints(good_checkpoints, run_dir)
+    before = digest(ckpt / "step-00000020.pt")
+    args = [*SMALL, "--run-dir", str(run_dir), "--hidden", "32,16", "--optimizer", "adam"]
+    error = one_line_error(run_trainer(args))
+    assert "cannot continue this run, its settings differ" in error
+    assert "hidden: [64] in the checkpoint, [32, 16] now" in error and "optimizer: 'sgd' in the checkpoint" in error
+    assert digest(ckpt / "step-00000020.pt") == before
+
+
+def make_read_only(directory: Path) -> bool:
+    """chmod for ordinary users; root ignores modes, so use the immutable attribute there."""
+    if os.geteuid() == 0:
+        if subprocess.run(["chattr", "+i", str(directory)], capture_output=True).returncode != 0:
+            return False
+    else:
+        directory.chmod(0o555)
+    try:
+        (directory / "probe").write_bytes(b"")
+    except OSError:
+        return True
+    (directory / "probe").unlink()
+    return False
+
+
+def make_writable(directory: Path) -> None:
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "-i", str(directory)], capture_output=True)
+    directory.chmod(0o755)
+
+
+def test_read_only_checkpoint_dir_is_refused_before_training(tmp_path: Path, good_checkpoints: Path) -> None:
+    run_dir = tmp_path / "run"
+    ckpt = copy_checkpoints(good_checkpoints, run_dir)
+    good = {p.name: digest(p) for p in ckpt.iterdir()}
+    if not make_read_only(ckpt):
+        pytest.skip("cannot make a read-only directory here")
+    try:
+        error = one_line_error(run_trainer([*SMALL, "--run-dir", str(run_dir)]))
+    finally:
+        make_writable(ckpt)
+    assert f"cannot write checkpoints to {ckpt}" in error
+    assert {p.name: digest(p) for p in ckpt.iterdir()} == good
+
+
+def test_a_failing_checkpoint_write_warns_keeps_the_old_ones_and_training_goes_on(
+    tmp_path: Path, good_checkpoints: Path
+) -> None:
+    """A full disk, simulated with a file-size limit (``ulimit -f``): the checkpoint write fails part-way."""
+    run_dir = tmp_path / "run"
+    ckpt = copy_checkpoints(good_checkpoints, run_dir)
+    good = {p.name: digest(p) for p in ckpt.iterdir()}
+    limit_kb = (ckpt / "step-00000020.pt").stat().st_size // 1024 // 2  # half a checkpoint
+    trainer = " ".join([sys.executable, "-m", "trainer", *SMALL, "--run-dir", str(run_dir), "--max-steps", "40"])
+    result = run_process(["bash", "-c", f"ulimit -f {limit_kb} && exec {trainer}"], clean_env())
+    assert_ok(result)
+    failed = [line for line in result.stderr.splitlines() if "not written" in line]
+    assert len(failed) == 2 and "checkpoint of step 30 not written (File too large)" in failed[0]
+    assert "the earlier checkpoints are kept" in failed[0]
+    assert {p.name: digest(p) for p in ckpt.iterdir()} == good  # no partial or temporary file either
+    assert newest_valid(ckpt)[0].name == "step-00000020.pt"
+    assert [p.name for p in list_checkpoints(ckpt)] == ["step-00000020.pt", "step-00000010.pt"]

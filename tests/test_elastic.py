@@ -1,0 +1,128 @@
+"""Elastic behaviour under the real launcher: a node leaving, signals, and a peer that stops answering."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from pathlib import Path
+
+from conftest import clean_env, free_port, read_summary
+from faults import Launched, first_steps, latest_step, trained_positions, wait_until
+
+from trainer.sampling import epoch_permutation
+
+TRAIN_SPLIT = 48_000
+
+
+def agent_cmd(port: int, is_host: bool, run_dir: Path) -> list[str]:
+    """One torchrun agent ("node") of an elastic 1-2 node job on loopback, one worker each."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1:2",
+        "--nproc_per_node=1",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{port}",
+        "--rdzv-id=membership-test",
+        # Short rendezvous timings so the survivor notices the lost node and regroups in seconds.
+        f"--rdzv-conf=is_host={int(is_host)},last_call_timeout=3,keep_alive_interval=1,keep_alive_max_attempt=2,"
+        "join_timeout=60",
+        "--max-restarts=3",
+        "--monitor-interval=0.1",
+        "-m",
+        "trainer",
+        "--run-dir",
+        str(run_dir),
+        "--batch-size",
+        "250",
+        "--epochs",
+        "1",
+        "--log-every",
+        "5",
+        "--checkpoint-every",
+        "10",
+        "--max-steps",
+        "60",
+        "--record-samples",
+    ]
+
+
+def test_a_node_leaves_and_the_survivor_continues_alone_from_the_checkpoint(tmp_path: Path) -> None:
+    run_dir, port = tmp_path / "run", free_port()
+    host = Launched(agent_cmd(port, True, run_dir), clean_env(), tmp_path, "node-a")
+    time.sleep(0.5)  # node A serves the rendezvous store
+    other = Launched(agent_cmd(port, False, run_dir), clean_env(), tmp_path, "node-b")
+    try:
+        # Both nodes trained together (world size 2) past a checkpoint, then node B dies whole.
+        wait_until(lambda: latest_step(run_dir) >= 20, 180, "step 20 at world size 2", host)
+        assert "of 2 (local 0 of 1)" in host.output() + other.output()
+        other.kill()
+        assert host.wait(240) == 0, host.output()[-6000:]
+    finally:
+        other.kill()
+        host.kill()
+
+    summary = read_summary(run_dir)
+    assert summary["world_size"] == 1
+    assert summary["restarts"] >= 1
+    assert summary["resumed_from_step"] >= 20 and summary["resumed_from_step"] % 10 == 0
+    assert "written at world size 2 (now 1), batch per rank 250 (now 250)" in host.output()
+    # --batch-size 250 per process: 500 samples a step at two nodes, 250 at one. The samples trained
+    # are exactly the epoch's order up to the position reached: none skipped, none twice.
+    resumed = summary["resumed_from_step"]
+    reached = resumed * 500 + (60 - resumed) * 250
+    positions = trained_positions(run_dir)[1]
+    assert len(positions) == len(set(positions)) == reached
+    assert set(positions) == set(epoch_permutation(TRAIN_SPLIT, 0, 0)[:reached].tolist())
+
+
+def test_first_signal_stops_gracefully_second_exits_at_once(tmp_path: Path) -> None:
+    """SIGINT is only noted until the next checkpoint point; a second SIGINT ends the process there and then."""
+    run_dir = tmp_path / "run"
+    # One process, few agreement points (log and checkpoint points far apart): the first signal waits.
+    args = ["--run-dir", str(run_dir), "--batch-size", "8", "--epochs", "1", "--log-every", "100000"]
+    job = Launched([sys.executable, "-m", "trainer", *args, "--checkpoint-every", "100000"], clean_env(), tmp_path, "p")
+    wait_until(lambda: first_steps(run_dir), 120, "the first step", job)
+    job.proc.send_signal(signal.SIGINT)
+    time.sleep(1.5)  # more than the 1 s in which a repeat counts as the same request
+    assert job.proc.poll() is None, "the first SIGINT must not end the process before the next checkpoint point"
+    job.proc.send_signal(signal.SIGINT)
+    assert job.wait(30) == -signal.SIGINT
+    assert "second SIGINT, exiting now without a checkpoint" in job.output()
+    assert not list((run_dir / "checkpoints").glob("step-*"))
+
+
+def test_sigint_stop_writes_a_checkpoint_and_exits_130(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    args = ["--run-dir", str(run_dir), "--batch-size", "64", "--epochs", "1", "--log-every", "7"]
+    job = Launched([sys.executable, "-m", "trainer", *args], clean_env(), tmp_path, "p")
+    wait_until(lambda: latest_step(run_dir) >= 14, 120, "step 14", job)
+    job.proc.send_signal(signal.SIGINT)
+    assert job.wait(60) == 130
+    out = job.output()
+    step = int(out.split("stopped by SIGINT at step ")[1].split(";")[0])
+    assert step % 7 == 0
+    assert (run_dir / "checkpoints" / f"step-{step:08d}.json").exists()
+
+
+def test_survivor_of_an_unresponsive_peer_exits_after_the_timeout(tmp_path: Path) -> None:
+    """Rank 1 is frozen (SIGSTOP): rank 0 must fail its collective after --timeout, not wait forever."""
+    run_dir, port = tmp_path / "run", free_port()
+    args = [sys.executable, "-m", "trainer", "--run-dir", str(run_dir), "--batch-size", "64", "--timeout", "5"]
+    args += ["--log-every", "5"]
+    env = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    ranks = [Launched(args, clean_env(RANK=str(r), **env), tmp_path, f"rank{r}") for r in (0, 1)]
+    try:
+        wait_until(lambda: latest_step(run_dir) >= 10, 120, "step 10", ranks[0])
+        ranks[1].proc.send_signal(signal.SIGSTOP)
+        frozen_at = time.monotonic()
+        code = ranks[0].wait(60)
+        waited = time.monotonic() - frozen_at
+    finally:
+        for launched in ranks:
+            launched.kill()
+    assert code != 0
+    assert 4 < waited < 40, f"rank 0 exited {waited:.1f} s after its peer froze"
+    assert "timed out" in ranks[0].output().lower() or "timeout" in ranks[0].output().lower()
