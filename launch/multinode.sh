@@ -20,7 +20,9 @@ environment:
   RDZV_ENDPOINT   host:port of the c10d rendezvous, the same on every node; the node whose
                   address it names hosts it (port 0 picks a free one: single node only)
   RDZV_ID         job id, the same on every node (default trainer)
-  RDZV_CONF       extra rendezvous settings, e.g. join_timeout=900,last_call_timeout=30
+  RDZV_CONF       extra rendezvous settings, e.g. join_timeout=900,last_call_timeout=30;
+                  is_host=true on the node named by RDZV_ENDPOINT when that name is an address
+                  torchrun does not recognise as its own (it compares with the host name)
   NODE_RANK       static rendezvous instead: this node's index 0..NNODES-1 (needs MASTER_ADDR)
   MASTER_ADDR     static rendezvous: node 0's address
   MASTER_PORT     static rendezvous: free port on node 0 (default 29500)

@@ -1,0 +1,96 @@
+"""Helpers for the launch tests: start the real scripts in the background, wait with a deadline."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import REPO, clean_env, run_process, torchrun_cmd
+
+LAUNCH = REPO / "launch"
+STEPS = ("--max-steps", "30", "--epochs", "1", "--log-every", "10")
+# One intra-op thread everywhere, so runs with different ranks per host give identical weights.
+THREADS = {"OMP_NUM_THREADS": "1"}
+
+
+def launch_env(**extra: str) -> dict[str, str]:
+    """The test's environment for a launch script: this interpreter as PYTHON, one thread per rank."""
+    return clean_env(PYTHON=sys.executable, **THREADS, **extra)
+
+
+def baseline_sha(run_dir: Path) -> str:
+    """params_sha256 of the same run as two processes under plain torchrun on this host."""
+    result = run_process(torchrun_cmd(2, [*STEPS, "--run-dir", str(run_dir)]), launch_env())
+    assert result.returncode == 0, result.stderr[-4000:]
+    return read_sha(run_dir)
+
+
+def read_sha(run_dir: Path) -> str:
+    from conftest import read_summary
+
+    return read_summary(run_dir)["params_sha256"]
+
+
+class Background:
+    """A command in its own session with output in a file; killed with its session on close."""
+
+    def __init__(self, cmd: Sequence[str], env: dict[str, str], log: Path) -> None:
+        self.cmd, self.log = list(cmd), log
+        self._out = log.open("w")
+        self.proc = subprocess.Popen(
+            self.cmd, env=env, cwd=REPO, stdout=self._out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.close()
+            pytest.fail(f"{self.cmd} did not finish in {timeout}s\n{self.output()[-4000:]}")
+
+    def output(self) -> str:
+        self._out.flush()
+        return self.log.read_text(errors="replace")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        # Whatever the session started (workers of an agent) goes too.
+        for child in psutil.process_iter(["pid"]):
+            try:
+                if os.getsid(child.pid) == self.proc.pid:
+                    child.kill()
+            except (ProcessLookupError, psutil.Error):
+                pass
+        self._out.close()
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.2)
+
+
+def ranks_of(root: int) -> dict[int, psutil.Process]:
+    """Trainer processes under ``root`` by their RANK variable."""
+    found = {}
+    for proc in psutil.Process(root).children(recursive=True):
+        try:
+            cmdline, env = proc.cmdline(), proc.environ()
+        except psutil.Error:
+            continue
+        if "trainer" in cmdline and "RANK" in env:
+            found[int(env["RANK"])] = proc
+    return found
