@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -57,22 +55,28 @@ class Background:
             pytest.fail(f"{self.cmd} did not finish in {timeout}s\n{self.output()[-4000:]}")
 
     def output(self) -> str:
-        self._out.flush()
+        if not self._out.closed:
+            self._out.flush()
         return self.log.read_text(errors="replace")
 
     def close(self) -> None:
+        """Kill the command and everything under it at once, as if its host had died.
+
+        torchrun puts its workers in sessions of their own, so the tree is gathered first:
+        once the agent is gone its workers no longer hang below it.
+        """
         if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        # Whatever the session started (workers of an agent) goes too.
-        for child in psutil.process_iter(["pid"]):
             try:
-                if os.getsid(child.pid) == self.proc.pid:
-                    child.kill()
-            except (ProcessLookupError, psutil.Error):
-                pass
-        self._out.close()
+                tree = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
+            except psutil.NoSuchProcess:
+                tree = []
+            for proc in tree:
+                with contextlib.suppress(psutil.Error):
+                    proc.kill()
+            psutil.wait_procs(tree, timeout=10)
+            self.proc.wait()
+        if not self._out.closed:
+            self._out.close()
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
