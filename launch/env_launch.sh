@@ -56,8 +56,9 @@ STOP_GRACE=${STOP_GRACE:-30}
 require_int STOP_GRACE 0
 export MASTER_PORT WORLD_SIZE=$NPROC LOCAL_WORLD_SIZE=$NPROC
 
-# Each rank runs in a session of its own (setsid), so a Ctrl-C reaches it once, through the
-# trap below, and not also straight from the terminal. The output prefixers ignore INT/TERM:
+# Each rank runs in a session of its own (setsid, which execs in place: a child of this script
+# leads no process group), so a Ctrl-C reaches it once, through the trap below, and not also
+# straight from the terminal. The output prefixers ignore INT/TERM:
 # they must outlive their rank to pass on its last words.
 declare -A rank_of=()
 for ((r = 0; r < NPROC; r++)); do

@@ -96,7 +96,9 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def assert_ok(result: subprocess.CompletedProcess[str]) -> None:
-    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-6000:]}"
+    assert result.returncode == 0, (
+        f"exit {result.returncode}\nstdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-6000:]}"
+    )
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import REPO, clean_env, run_process, torchrun_cmd
+from conftest import REPO, clean_env, read_summary, run_process, torchrun_cmd
 
 LAUNCH = REPO / "launch"
 STEPS = ("--max-steps", "30", "--epochs", "1", "--log-every", "10")
@@ -32,8 +32,6 @@ def baseline_sha(run_dir: Path) -> str:
 
 
 def read_sha(run_dir: Path) -> str:
-    from conftest import read_summary
-
     return read_summary(run_dir)["params_sha256"]
 
 
