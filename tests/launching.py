@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import REPO, clean_env, read_summary, run_process, torchrun_cmd
+from conftest import REPO, clean_env, read_summary
 
 LAUNCH = REPO / "launch"
 STEPS = ("--max-steps", "30", "--epochs", "1", "--log-every", "10")
@@ -22,13 +22,6 @@ THREADS = {"OMP_NUM_THREADS": "1"}
 def launch_env(**extra: str) -> dict[str, str]:
     """The test's environment for a launch script: this interpreter as PYTHON, one thread per rank."""
     return clean_env(PYTHON=sys.executable, **THREADS, **extra)
-
-
-def baseline_sha(run_dir: Path) -> str:
-    """params_sha256 of the same run as two processes under plain torchrun on this host."""
-    result = run_process(torchrun_cmd(2, [*STEPS, "--run-dir", str(run_dir)]), launch_env())
-    assert result.returncode == 0, result.stderr[-4000:]
-    return read_sha(run_dir)
 
 
 def read_sha(run_dir: Path) -> str:
@@ -75,6 +68,14 @@ class Background:
             self.proc.wait()
         if not self._out.closed:
             self._out.close()
+
+
+def trainer_has(flag: str) -> bool:
+    """Whether this trainer offers ``flag`` (features that arrive with other parts of the package)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "trainer", "--help"], env=launch_env(), cwd=REPO, capture_output=True, text=True
+    )
+    return flag in result.stdout
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:

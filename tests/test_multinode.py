@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, read_summary
-from launching import LAUNCH, STEPS, Background, launch_env, read_sha, wait_for
+from launching import LAUNCH, STEPS, Background, launch_env, read_sha, trainer_has, wait_for
 
 SUBNET = "10.77.0"
 UNROUTED = "10.78.0.1"  # outside the hosts' only route: no packet leaves for it
@@ -136,13 +136,6 @@ def test_unreachable_master_addr(tmp_path: Path, hosts: tuple[Host, Host]) -> No
     assert status == 2
     assert last.startswith(f"trainer: error: cannot reach the rendezvous store at MASTER_ADDR={UNROUTED}"), last
     assert "(Network is unreachable)" in last, last
-
-
-def trainer_has(flag: str) -> bool:
-    result = subprocess.run(
-        [sys.executable, "-m", "trainer", "--help"], env=launch_env(), cwd=REPO, capture_output=True, text=True
-    )
-    return flag in result.stdout
 
 
 def test_survivor_finishes_alone_from_the_checkpoint(tmp_path: Path, hosts: tuple[Host, Host]) -> None:

@@ -270,25 +270,38 @@ def check_world_size(store: dist.Store, dist_env: DistEnv, timeout: timedelta) -
     """Stop with a clear error when hand-exported WORLD_SIZE differs between ranks.
 
     Without this the process group waits for ranks that never come, then fails with a
-    timeout that names neither the cause nor the fix. Each rank publishes its WORLD_SIZE;
-    rank 0 compares everyone's with its own, every other rank compares rank 0's with its own.
+    timeout that names neither the cause nor the fix. Rank 0 publishes its WORLD_SIZE and
+    compares everyone's with it; every other rank compares rank 0's with its own.
     """
-    mine = dist_env.world_size
-    store.set(str(dist_env.rank), str(mine))
-    peers = [str(r) for r in range(1, mine)] if dist_env.rank == 0 else ["0"]
-    with contextlib.suppress(dist.DistError):  # a mismatch among those who came is reported first
-        store.wait(peers, timeout)
-    missing = [peer for peer in peers if not store.check([peer])]
-    for peer in peers:
-        theirs = None if peer in missing else int(store.get(peer))
-        if theirs is not None and theirs != mine:
+    mine, rank = dist_env.world_size, dist_env.rank
+    peers = [str(r) for r in range(1, mine)] if rank == 0 else ["0"]
+    seen: dict[str, int] = {}
+    try:
+        if rank == 0:
+            store.set("0", str(mine))
+            with contextlib.suppress(dist.DistStoreError):  # a timeout: who is missing is reported below
+                store.wait(peers, timeout)
+            seen = {peer: int(store.get(peer)) for peer in peers if store.check([peer])}
+        else:
+            # Read rank 0's value before publishing ours: rank 0 stops as soon as it sees a mismatch.
+            with contextlib.suppress(dist.DistStoreError):
+                seen["0"] = int(store.get("0"))
+            store.set(str(rank), str(mine))
+    except dist.DistError as exc:
+        raise UsageError(
+            f"rank {rank} lost the rendezvous store at MASTER_ADDR={dist_env.master_addr} "
+            f"MASTER_PORT={dist_env.master_port} ({str(exc).strip().splitlines()[0]}); see rank 0's error"
+        ) from None
+    for peer, theirs in seen.items():
+        if theirs != mine:
             raise UsageError(
-                f"WORLD_SIZE differs between ranks: rank {dist_env.rank} has WORLD_SIZE={mine}, rank {peer} has "
+                f"WORLD_SIZE differs between ranks: rank {rank} has WORLD_SIZE={mine}, rank {peer} has "
                 f"WORLD_SIZE={theirs}; export the same WORLD_SIZE (the total number of processes) for every rank"
             )
+    missing = [peer for peer in peers if peer not in seen]
     if missing:
         raise UsageError(
-            f"rank {dist_env.rank} (WORLD_SIZE={mine}) did not hear from rank(s) {', '.join(missing)} within "
+            f"rank {rank} (WORLD_SIZE={mine}) did not hear from rank(s) {', '.join(missing)} within "
             f"--timeout {timeout.total_seconds():g}s; start all {mine} ranks, "
             "with the same WORLD_SIZE, MASTER_ADDR and MASTER_PORT"
         )
