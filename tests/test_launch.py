@@ -6,6 +6,7 @@ the scripts change how processes are started, never what they compute.
 
 from __future__ import annotations
 
+import re
 import shutil
 import signal
 import socket
@@ -271,7 +272,7 @@ def test_slurm_sbatch_requeues_before_the_time_limit(tmp_path: Path, fake_slurm:
     requeued = run_process(["bash", str(LAUNCH / "slurm.sbatch"), *args], env, timeout=240)
     assert_ok(requeued)
     assert read_summary(run_dir)["global_step"] == steps
-    assert "resum" in requeued.stderr.lower()
+    assert re.search(r"resuming from \S+/checkpoints/", requeued.stderr)
 
 
 def test_pytorchjob_manifest_matches_the_contract(tmp_path: Path, baseline: str) -> None:

@@ -8,6 +8,7 @@ the machine refuses, the tests are skipped with its reason.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -158,4 +159,4 @@ def test_survivor_finishes_alone_from_the_checkpoint(tmp_path: Path, hosts: tupl
     summary = read_summary(run_dir)
     assert (summary["world_size"], summary["global_step"]) == (1, steps), summary
     assert "rank 0 of 1" in survivor_log  # restarted alone ...
-    assert "resum" in survivor_log.lower()  # ... from the checkpoint, not from scratch
+    assert re.search(r"resuming from \S+/checkpoints/", survivor_log)  # ... from the checkpoint, not from scratch
