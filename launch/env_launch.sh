@@ -44,6 +44,8 @@ if [[ -n ${RANK:-} ]]; then
   exec "$PYTHON" -m trainer "$@"
 fi
 
+((BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] >= 501)) || die "starting several ranks needs bash 5.1 or newer (wait -p)"
+command -v setsid >/dev/null || die "starting several ranks needs setsid (util-linux)"
 NPROC=${NPROC:-$(cpu_count)}
 require_int NPROC 1
 if [[ -n ${WORLD_SIZE:-} && $WORLD_SIZE != "$NPROC" ]]; then
