@@ -156,11 +156,13 @@ def wrap_model(
     comm: str = "auto",
     timeout_s: float = 120.0,
     bucket_cap_mb: float | None = None,
+    warmup_steps: int | None = None,
 ) -> tuple[nn.Module, Comm | None]:
     """DDP with the chosen sync option, timed, when distributed; the bare model (and no Comm) otherwise.
 
     ``bucket_cap_mb`` defaults to one bucket for all gradients: this model's 2 MB of gradients
     cost less as one all-reduce than as several, whose fixed latency dominates on one host.
+    ``warmup_steps`` overrides the exact steps before PowerSGD or local SGD start.
     """
     if not distributed:
         return model, None
@@ -195,20 +197,23 @@ def wrap_model(
         hook = functools.partial(compress, group)
     elif option == "powersgd":
         state = powerSGD_hook.PowerSGDState(
-            process_group=group, matrix_approximation_rank=POWERSGD_RANK, start_powerSGD_iter=POWERSGD_START_ITER
+            process_group=group,
+            matrix_approximation_rank=POWERSGD_RANK,
+            start_powerSGD_iter=POWERSGD_START_ITER if warmup_steps is None else warmup_steps,
         )
         hook = functools.partial(powerSGD_hook.powerSGD_hook, state)
     else:  # localsgd
         # No subgroup all-reduce after the switch: on one host the "local" subgroup would be the
         # whole world, and its default (new_subgroups) needs CUDA. Averaging does the syncing.
+        start = LOCALSGD_START_ITER if warmup_steps is None else warmup_steps
         state = post_localSGD_hook.PostLocalSGDState(
             process_group=group,
             subgroup=None,
-            start_localSGD_iter=LOCALSGD_START_ITER,
+            start_localSGD_iter=start,
             post_local_gradient_allreduce=False,
         )
         hook = functools.partial(post_localSGD_hook.post_localSGD_hook, state)
-        result.averager = PeriodicModelAverager(period=LOCALSGD_PERIOD, warmup_steps=LOCALSGD_START_ITER)
+        result.averager = PeriodicModelAverager(period=LOCALSGD_PERIOD, warmup_steps=start)
     ddp.register_comm_hook(None, result.timer.timed(hook))
     log.info("gradient sync: %s (%s)", option, why)
     return ddp, result

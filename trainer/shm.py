@@ -140,6 +140,7 @@ class ShmAllreduce:
         finally:
             if path is not None:
                 path.unlink(missing_ok=True)
+        self.path = SHM_DIR / name[0]  # already unlinked: kept only so callers can check that
         failures = [e for e in errors if e]
         if failures:
             raise OSError(f"shared memory could not be mapped: {'; '.join(failures)}")
