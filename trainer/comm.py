@@ -92,7 +92,7 @@ def _shm_hook(reducer: shm.ShmAllreduce, group: dist.ProcessGroup, bucket: dist.
     tensor = bucket.buffer()
     if tensor.dtype != torch.float32 or tensor.numel() > reducer.capacity:
         return _allreduce_hook(group, bucket)  # the same decision on every rank: buckets are alike
-    reducer.allreduce_(tensor.div_(reducer.world_size))
+    reducer.allreduce_(tensor, divide_by=reducer.world_size)
     future: torch.futures.Future = torch.futures.Future()
     future.set_result(tensor)
     return future

@@ -4,8 +4,8 @@ Gloo on loopback pays a few hundred microseconds of socket traffic per call even
 messages; two processes on one host can instead write their gradients into a shared mapping
 and add them. The result is the same arithmetic as gloo's sum:
 
-- world size 2: ``own + peer`` on both ranks, and IEEE addition is commutative, so it is bit for
-  bit the value gloo computes;
+- world size 2: ``g0 + g1``, and IEEE addition is commutative, so it is bit for bit the value
+  gloo computes (in whichever order it adds);
 - larger worlds: ``((g0 + g1) + g2) + ...`` in rank order on every rank, so all replicas agree
   exactly; gloo's ring adds in another order, so against gloo the values agree up to float
   summation order (relative error of a few float32 ulps of the summed magnitudes).
@@ -149,19 +149,22 @@ class ShmAllreduce:
         data = torch.frombuffer(self._map, dtype=torch.float32, offset=header, count=2 * self.world_size * capacity)
         self._slots = data.view(2, self.world_size, capacity)
 
-    def allreduce_(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Replace ``tensor`` (contiguous float32, at most ``capacity`` elements) by its sum over the group."""
+    def allreduce_(self, tensor: torch.Tensor, divide_by: int = 1) -> torch.Tensor:
+        """Replace ``tensor`` (contiguous float32, at most ``capacity`` elements) by the group's sum of
+        ``tensor / divide_by`` (``divide_by`` = world size gives DDP's average, divided before summing)."""
+        if self.world_size == 1:
+            return tensor.div_(divide_by)
         n = tensor.numel()
         flat = tensor.view(-1)
         generation = self._generation + 1
         slots = self._slots[generation % 2, :, :n]
-        slots[self.rank].copy_(flat)
+        if divide_by == 1:
+            slots[self.rank].copy_(flat)
+        else:
+            torch.div(flat, divide_by, out=slots[self.rank])  # divide and publish in one pass
         self._flags[self.rank * FLAG_STRIDE] = generation
         self._wait_for_peers(generation)
-        if self.rank < 2:
-            flat.add_(slots[1 - self.rank])  # own + peer == g0 + g1 exactly: addition commutes
-        else:
-            torch.add(slots[0], slots[1], out=flat)
+        torch.add(slots[0], slots[1], out=flat)
         for peer in range(2, self.world_size):
             flat.add_(slots[peer])
         self._generation = generation
