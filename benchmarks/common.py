@@ -90,11 +90,14 @@ class ProcessSamples:
     samples: list[tuple[float, float, float, int]] = field(default_factory=list)
 
     def window(self, start: float, end: float) -> dict[str, float]:
-        """CPU % (of one core) over [start, end], peak RSS and peak threads over the whole life."""
-        inside = [s for s in self.samples if start <= s[0] <= end]
+        """CPU % (of one core) between the samples that bracket [start, end]; peak RSS and threads over the life."""
+        before = [s for s in self.samples if s[0] <= start]
+        after = [s for s in self.samples if s[0] >= end]
+        first = before[-1] if before else self.samples[0] if self.samples else None
+        last = after[0] if after else self.samples[-1] if self.samples else None
         cpu = 0.0
-        if len(inside) >= 2:
-            cpu = 100.0 * (inside[-1][1] - inside[0][1]) / max(1e-9, inside[-1][0] - inside[0][0])
+        if first is not None and last is not None and last[0] > first[0]:
+            cpu = 100.0 * (last[1] - first[1]) / (last[0] - first[0])
         return {
             "cpu_percent": cpu,
             "rss_mb": max((s[2] for s in self.samples), default=0.0),

@@ -99,8 +99,11 @@ def training_window(run_dir: Path) -> tuple[float, float] | None:
     return (min(times), max(times)) if len(times) >= 2 else None
 
 
-def run_once(world: int, comm: str, samples: int | None, run_dir: Path, timeout: float) -> dict[str, Any]:
-    args = ["--epochs", "1", "--comm", comm, "--run-dir", str(run_dir), "--overwrite", "--log-every", "50"]
+def run_once(
+    world: int, comm: str, samples: int | None, run_dir: Path, timeout: float, epochs: int = 1
+) -> dict[str, Any]:
+    """One trainer run under torchrun, sampled from outside; its summary figures plus CPU, RSS, threads."""
+    args = ["--epochs", str(epochs), "--comm", comm, "--run-dir", str(run_dir), "--overwrite", "--log-every", "50"]
     if samples is not None:
         args += ["--max-steps", str(max(1, samples // (BATCH * world)))]
     output, monitor = run_checked(torchrun(world, "trainer", args), child_env(), timeout, monitor=True)
