@@ -193,7 +193,7 @@ def markdown_table(rows: list[dict[str, Any]], columns: Sequence[tuple[str, str]
 
     def cell(value: Any) -> str:
         if isinstance(value, float):
-            return f"{value:.3g}" if abs(value) < 10 else f"{value:,.0f}"
+            return f"{value:.4g}" if abs(value) < 10 else f"{value:,.0f}"
         return str(value)
 
     lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]

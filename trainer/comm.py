@@ -215,5 +215,7 @@ def wrap_model(
         hook = functools.partial(post_localSGD_hook.post_localSGD_hook, state)
         result.averager = PeriodicModelAverager(period=LOCALSGD_PERIOD, warmup_steps=start)
     ddp.register_comm_hook(None, result.timer.timed(hook))
-    log.info("gradient sync: %s (%s)", option, why)
+    # A fallback from an explicit request is worth a warning; auto's choice is routine.
+    level = logging.WARNING if comm not in ("auto", option) else logging.INFO
+    log.log(level, "gradient sync: %s (%s)", option, why)
     return ddp, result
