@@ -129,7 +129,7 @@ def ddp_methods() -> tuple[dict[str, Callable[[], float]], dict[str, list[float]
             # warmup_steps: the lossy options start sending less after the warm-up calls.
             ddp, comm = wrap_model(model, torch.device("cpu"), True, option, timeout_s=60, warmup_steps=2)
             assert comm is not None
-            take = functools.partial(comm.take_ms)
+            take = comm.take_ms
         step_ms[option] = []
 
         def call(ddp: torch.nn.Module = ddp, take: Callable[[], float] = take, option: str = option) -> float:

@@ -92,6 +92,29 @@ def unsupported_reason(tensor_device: torch.device, host_keys: list[str], machin
     return None
 
 
+def _create(size: int) -> Path:
+    """A new, uniquely named file of ``size`` bytes in ``SHM_DIR``, its memory reserved up front."""
+    path = SHM_DIR / f"{NAME_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        # Reserve now: a full tmpfs then fails here (and we fall back) instead of SIGBUS mid-training.
+        os.posix_fallocate(fd, 0, size)
+    except OSError:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    return path
+
+
+def _attach(path: Path, size: int) -> mmap.mmap:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        return mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+
+
 class ShmAllreduce:
     """In-place sum of float32 tensors of up to ``capacity`` elements over ``group``, all on one host.
 
@@ -114,26 +137,24 @@ class ShmAllreduce:
         dist.all_gather_object(peers, identity, group=group)
         self._peers = [(r, int(pid), start) for r, (pid, start) in enumerate(peers) if r != self.rank]
 
-        name = [f"{NAME_PREFIX}{os.getpid()}-{secrets.token_hex(6)}" if self.rank == 0 else ""]
+        name = [""]
         path: Path | None = None
         error = ""
         try:
             if self.rank == 0:
-                path = SHM_DIR / name[0]
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
                 try:
-                    os.ftruncate(fd, size)
-                finally:
-                    os.close(fd)
+                    path = _create(size)
+                    name[0] = path.name
+                except OSError as exc:
+                    error = f"rank 0 could not create it: {exc}"
+            # Every rank reaches this broadcast and the gather below, failure or not, so no rank is
+            # left waiting in a collective and all of them fall back together.
             dist.broadcast_object_list(name, src=dist.get_global_rank(group, 0), group=group)
-            try:
-                fd = os.open(SHM_DIR / name[0], os.O_RDWR)
+            if name[0]:
                 try:
-                    self._map = mmap.mmap(fd, size)
-                finally:
-                    os.close(fd)
-            except OSError as exc:
-                error = f"rank {self.rank}: {exc}"
+                    self._map = _attach(SHM_DIR / name[0], size)
+                except OSError as exc:
+                    error = f"rank {self.rank}: {exc}"
             errors: list[str] = [""] * self.world_size
             # Doubles as the barrier after which nobody needs the name any more.
             dist.all_gather_object(errors, error, group=group)
