@@ -29,7 +29,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 
 from benchmarks.common import (
     child_env,
@@ -44,7 +43,7 @@ from benchmarks.common import (
 )
 
 SIZES_BYTES = (4 * 2**10, 64 * 2**10, 512 * 2**10, 2_143_272, 8 * 2**20)  # 2,143,272 B = this MLP's gradients
-DDP_OPTIONS = ("gloo (DDP default buckets)", "gloo", "shm", "bf16", "fp16", "powersgd", "localsgd")
+DDP_OPTIONS = ("gloo (one bucket)", "gloo", "shm", "bf16", "fp16", "powersgd", "localsgd")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -110,7 +109,7 @@ def allreduce_methods(numel: int) -> dict[str, Callable[[], float]]:
 def ddp_methods() -> tuple[dict[str, Callable[[], float]], dict[str, list[float]]]:
     """One forward+backward per call under each option: each call returns the hook-measured sync ms,
     and appends the whole call's ms to the second dict."""
-    from trainer.comm import SyncTimer, _allreduce_hook, wrap_model
+    from trainer.comm import wrap_model
     from trainer.config import TrainConfig
     from trainer.model import build_model
 
@@ -120,11 +119,11 @@ def ddp_methods() -> tuple[dict[str, Callable[[], float]], dict[str, list[float]
     step_ms: dict[str, list[float]] = {}
     for option in DDP_OPTIONS:
         model = build_model(TrainConfig())
-        if option.startswith("gloo (DDP default"):
-            ddp = DistributedDataParallel(model, gradient_as_bucket_view=True)
-            timer = SyncTimer()
-            ddp.register_comm_hook(None, timer.timed(functools.partial(_allreduce_hook, dist.group.WORLD)))
-            take = timer.take_ms
+        if option == "gloo (one bucket)":
+            one_bucket_mb = sum(p.numel() for p in model.parameters()) * 4 / 2**20 + 1
+            ddp, comm = wrap_model(model, torch.device("cpu"), True, "gloo", timeout_s=60, bucket_cap_mb=one_bucket_mb)
+            assert comm is not None
+            take = comm.take_ms
         else:
             # warmup_steps: the lossy options start sending less after the warm-up calls.
             ddp, comm = wrap_model(model, torch.device("cpu"), True, option, timeout_s=60, warmup_steps=2)

@@ -72,13 +72,13 @@ def grads(out: Path) -> None:
 def peer_fails(out: Path, mode: str) -> None:
     """Rank 1 dies (``die``) or stalls (``stall``) where it should join the all-reduce."""
     rank = dist.get_rank()
-    timeout_s = 3.0 if mode == "stall" else 60.0
+    timeout_s = 2.0 if mode == "stall" else 60.0
     reducer = shm.ShmAllreduce(dist.group.WORLD, capacity=1024, timeout_s=timeout_s)
     reducer.allreduce_(torch.ones(1024))  # one good round first
     if rank == 1:
         if mode == "die":
             os._exit(3)
-        time.sleep(6)  # longer than rank 0's 3 s timeout
+        time.sleep(4)  # longer than rank 0's 2 s timeout
         os._exit(0)
     started = time.monotonic()
     try:

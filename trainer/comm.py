@@ -160,8 +160,9 @@ def wrap_model(
 ) -> tuple[nn.Module, Comm | None]:
     """DDP with the chosen sync option, timed, when distributed; the bare model (and no Comm) otherwise.
 
-    ``bucket_cap_mb`` defaults to one bucket for all gradients: this model's 2 MB of gradients
-    cost less as one all-reduce than as several, whose fixed latency dominates on one host.
+    ``bucket_cap_mb`` defaults to one bucket for all gradients under ``shm`` (one rendezvous per
+    step instead of one per bucket) and to DDP's own default otherwise (gloo then overlaps the
+    first bucket's all-reduce with the rest of the backward pass).
     ``warmup_steps`` overrides the exact steps before PowerSGD or local SGD start.
     """
     if not distributed:
@@ -170,7 +171,13 @@ def wrap_model(
         raise ValueError(f"unknown comm option {comm!r}; choose from {', '.join(COMM_OPTIONS)}")
     group = dist.group.WORLD
     numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if bucket_cap_mb is None:
+    option, why = resolve_comm(comm, device, group)
+    if option == "shm":
+        try:
+            reducer = shm.ShmAllreduce(group, capacity=numel, timeout_s=timeout_s)
+        except OSError as exc:  # raised on every rank alike, so all fall back together
+            option, why = "gloo", f"{exc}; falling back to the process group's all-reduce"
+    if bucket_cap_mb is None and option == "shm":
         bucket_cap_mb = numel * 4 / 2**20 + 1
     ddp = DistributedDataParallel(
         model,
@@ -179,12 +186,6 @@ def wrap_model(
         # Gradients live in the communication buckets: no copy in or out each step.
         gradient_as_bucket_view=True,
     )
-    option, why = resolve_comm(comm, device, group)
-    if option == "shm":
-        try:
-            reducer = shm.ShmAllreduce(group, capacity=numel, timeout_s=timeout_s)
-        except OSError as exc:  # raised on every rank alike, so all fall back together
-            option, why = "gloo", f"{exc}; falling back to the process group's all-reduce"
     result = Comm(option, SyncTimer())
     hook: Hook
     if option == "shm":
