@@ -1,7 +1,7 @@
 """Each ``--comm`` option trained for the default 5 epochs: accuracy beside speed.
 
     python -m benchmarks.algorithms                  # world size 2, every option, 5 epochs, 1 run each
-    python -m benchmarks.algorithms --quick          # auto and localsgd, 100 steps (CI)
+    python -m benchmarks.algorithms --quick          # auto and localsgd, 50 steps (CI)
 
 The exact options (gloo, shm) must reach the same weights bit for bit; the ones that send
 less (bf16, fp16, powersgd, localsgd) trade arithmetic for bytes, and this table shows what
@@ -25,11 +25,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--comm", default=OPTIONS, help="Comma-separated --comm options.")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--max-steps", type=int, default=None, help="Stop each run after this many steps.")
-    parser.add_argument("--quick", action="store_true", help="auto and localsgd, 1 epoch cut at 100 steps (CI).")
+    parser.add_argument("--quick", action="store_true", help="auto and localsgd, 1 epoch cut at 50 steps (CI).")
     parser.add_argument("--out", default=None, help="Results folder.")
     args = parser.parse_args(argv)
     if args.quick:
-        args.comm, args.epochs, args.max_steps = "auto,localsgd", 1, 100
+        args.comm, args.epochs, args.max_steps = "auto,localsgd", 1, 50
     out = results_dir("algorithms", args.out)
     info = machine()
     write_json(out / "machine.json", info)

@@ -1,7 +1,7 @@
 """The trainer against the textbook recipe (``benchmarks.baseline``), side by side in one run.
 
     python -m benchmarks.compare                    # world size 2, one epoch each, 3 alternating runs
-    python -m benchmarks.compare --quick            # 200 steps each, one run (CI)
+    python -m benchmarks.compare --quick            # 100 steps each, one run (CI)
 
 Both train the same model from the same weights on the same 48,000 images with batch 32 per
 rank. The baseline runs twice per round, with the two thread settings its users meet:
@@ -48,11 +48,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="torchrun,torch",
         help="Comma-separated thread settings for the baseline: torchrun (1 per process), torch (all CPUs).",
     )
-    parser.add_argument("--quick", action="store_true", help="200 steps, one run, torchrun threads (CI).")
+    parser.add_argument("--quick", action="store_true", help="100 steps, one run, torchrun threads (CI).")
     parser.add_argument("--out", default=None, help="Results folder.")
     args = parser.parse_args(argv)
     if args.quick:
-        args.max_steps, args.repeats, args.baseline_threads = args.max_steps or 200, 1, "torchrun"
+        args.max_steps, args.repeats, args.baseline_threads = args.max_steps or 100, 1, "torchrun"
     return args
 
 

@@ -39,11 +39,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=5, help="Interleaved rounds of the three loops.")
     parser.add_argument("--steps", type=int, default=None, help="Steps per loop (default one epoch).")
     parser.add_argument("--threads", type=int, default=None, help="Intra-op threads (default: as the trainer).")
-    parser.add_argument("--quick", action="store_true", help="2 rounds of 200 steps (CI).")
+    parser.add_argument("--quick", action="store_true", help="2 rounds of 100 steps (CI).")
     parser.add_argument("--out", default=None, help="Results folder.")
     args = parser.parse_args(argv)
     if args.quick:
-        args.rounds, args.steps = 2, args.steps or 200
+        args.rounds, args.steps = 2, args.steps or 100
     return args
 
 

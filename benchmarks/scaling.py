@@ -1,7 +1,7 @@
 """Scaling: the trainer through torchrun at several world sizes on a fixed amount of work.
 
     python -m benchmarks.scaling                       # world sizes 1,2,4,8; --comm auto and gloo; 3 runs each
-    python -m benchmarks.scaling --quick               # world sizes 1,2; a few hundred steps; 1 run
+    python -m benchmarks.scaling --quick               # world sizes 1,2; 3,200 samples; 1 run
 
 Every run trains on the same global samples (one epoch, or ``--samples``), so samples/s at
 world size N against world size 1 is the speedup. Runs are interleaved (1, 2, 4, 8, 1, 2, ...)
@@ -79,12 +79,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--comm", default="auto,gloo", help="Comma-separated --comm options for world sizes > 1.")
     parser.add_argument("--repeats", type=int, default=3, help="Runs per (world size, comm).")
     parser.add_argument("--samples", type=int, default=None, help="Global samples per run (default one epoch).")
-    parser.add_argument("--quick", action="store_true", help="World sizes 1,2; 9,600 samples; one run (CI).")
+    parser.add_argument("--quick", action="store_true", help="World sizes 1,2; 3,200 samples; one run (CI).")
     parser.add_argument("--out", default=None, help="Results folder.")
     parser.add_argument("--timeout", type=float, default=600, help="Seconds one run may take.")
     args = parser.parse_args(argv)
     if args.quick:
-        args.world_sizes, args.samples, args.repeats = "1,2", args.samples or 9_600, 1
+        args.world_sizes, args.samples, args.repeats = "1,2", args.samples or 3_200, 1
     return args
 
 
