@@ -51,6 +51,12 @@ class TrainConfig:
     backend: str = _opt(
         "auto", "Process-group backend; auto picks nccl on CUDA, gloo on CPU.", ("auto", "gloo", "nccl")
     )
+    comm: str = _opt(
+        "auto",
+        "Gradient sync: auto = shm where all ranks share a host, else gloo (both exact); bf16/fp16/powersgd/"
+        "localsgd send less but change the arithmetic (see trainer/comm.py).",
+        ("auto", "gloo", "shm", "bf16", "fp16", "powersgd", "localsgd"),
+    )
     device: str = _opt("auto", "Device; auto picks CUDA when available.", ("auto", "cpu", "cuda"))
     timeout: float = _opt(120.0, "Seconds a collective may wait for a peer before the run fails instead of hanging.")
     log_every: int = _opt(

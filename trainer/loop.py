@@ -99,7 +99,7 @@ class Trainer:
         self.val_x, self.val_y = normalize(data.train_x[val_idx]).to(device), data.train_y[val_idx].to(device)
         self.test_x, self.test_y = normalize(data.test_x).to(device), data.test_y.to(device)
         self.model = build_model(cfg).to(device)
-        self.ddp, self.sync_timer = wrap_model(self.model, device, dist_env.distributed)
+        self.ddp, self.comm = wrap_model(self.model, device, dist_env.distributed, cfg.comm, cfg.timeout)
         self.optimizer = build_optimizer(cfg, self.model)
         self.state = TrainState()
         self.resumed_from_step: int | None = None
@@ -132,8 +132,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # under DDP this waits for the gradient all-reduce
         self.optimizer.step()
+        if self.comm is not None:
+            self.comm.after_step(self.model.parameters())
         finished = time.perf_counter()
-        sync_ms = self.sync_timer.take_ms() if self.sync_timer else 0.0
+        sync_ms = self.comm.take_ms() if self.comm is not None else 0.0
         times.add((loaded - started) * 1e3, (finished - loaded) * 1e3 - sync_ms, sync_ms)
         return loss.detach()
 
@@ -331,6 +333,8 @@ class Trainer:
         An epoch cut short by ``--max-steps`` still gets its row, but the state stays in it.
         """
         state, env = self.state, self.dist_env
+        if self.comm is not None:
+            self.comm.sync_replicas(self.model)  # local SGD: evaluate (and keep) one model, not a mix
         val_loss, val_accuracy = self.evaluate(self.val_x, self.val_y)
         cpu = self.sampler.take_mean_cpu()
         cpu_total, rss_total = reduce_sum([cpu, self.sampler.last_rss_mb], self.device)

@@ -1,0 +1,223 @@
+"""Gradient sync cost: one all-reduce across message sizes, and a DDP step under each ``--comm`` option.
+
+    python -m benchmarks.sync                  # world size 2
+    python -m benchmarks.sync --world-sizes 2,4 --quick
+
+Part 1 times one all-reduce of a float32 tensor of each size through gloo, through the
+shared-memory path, and through gloo with the tensor cast to fp16/bf16 and back (what the
+compression options send). Part 2 runs the MLP's forward and backward under DDP with each
+``--comm`` option (plus DDP's own default buckets) and reports the sync time the hook measures
+per step and the whole step time. Each figure: warm-up calls, then the median and 95th
+percentile of timed calls on rank 0, with the methods interleaved round by round.
+
+This file is both the driver (no RANK in the environment: launches torchrun per world size)
+and the worker (under torchrun).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from benchmarks.common import (
+    child_env,
+    machine,
+    machine_line,
+    markdown_table,
+    results_dir,
+    run_checked,
+    torchrun,
+    write_csv,
+    write_json,
+)
+
+SIZES_BYTES = (4 * 2**10, 64 * 2**10, 512 * 2**10, 2_143_272, 8 * 2**20)  # 2,143,272 B = this MLP's gradients
+DDP_OPTIONS = ("gloo (one bucket)", "gloo", "shm", "bf16", "fp16", "powersgd", "localsgd")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--world-sizes", default="2", help="Comma-separated world sizes (each > 1).")
+    parser.add_argument("--calls", type=int, default=200, help="Timed calls per figure (after warm-up).")
+    parser.add_argument("--rounds", type=int, default=5, help="Interleaved rounds the calls are split into.")
+    parser.add_argument("--quick", action="store_true", help="20 calls in 2 rounds (CI).")
+    parser.add_argument("--out", default=None, help="Results folder.")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.calls, args.rounds = 20, 2
+    return args
+
+
+def stats(ms: list[float]) -> dict[str, float]:
+    ordered = sorted(ms)
+    return {"median_ms": statistics.median(ordered), "p95_ms": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]}
+
+
+def interleave(methods: dict[str, Callable[[], float]], calls: int, rounds: int) -> dict[str, list[float]]:
+    """Each method's per-call ms; ``rounds`` rounds of ``calls / rounds`` calls, methods alternating."""
+    samples: dict[str, list[float]] = {name: [] for name in methods}
+    for method in methods.values():
+        for _ in range(5):
+            method()
+    per_round = max(1, calls // rounds)
+    for _ in range(rounds):
+        for name, method in methods.items():
+            dist.barrier()
+            samples[name] += [method() for _ in range(per_round)]
+    return samples
+
+
+def allreduce_methods(numel: int) -> dict[str, Callable[[], float]]:
+    from trainer import shm
+
+    world = dist.get_world_size()
+    tensor = torch.randn(numel)
+    reducer = shm.ShmAllreduce(dist.group.WORLD, capacity=numel, timeout_s=60)
+
+    def timed(body: Callable[[], None]) -> Callable[[], float]:
+        def call() -> float:
+            started = time.perf_counter()
+            body()
+            return (time.perf_counter() - started) * 1e3
+
+        return call
+
+    def cast(dtype: torch.dtype) -> None:
+        half = tensor.to(dtype).div_(world)
+        dist.all_reduce(half)
+        tensor.copy_(half)
+
+    return {
+        "gloo": timed(lambda: dist.all_reduce(tensor.div_(world))),
+        "shm": timed(lambda: reducer.allreduce_(tensor, divide_by=world)),
+        "gloo fp16": timed(functools.partial(cast, torch.float16)),
+        "gloo bf16": timed(functools.partial(cast, torch.bfloat16)),
+    }
+
+
+def ddp_methods() -> tuple[dict[str, Callable[[], float]], dict[str, list[float]]]:
+    """One forward+backward per call under each option: each call returns the hook-measured sync ms,
+    and appends the whole call's ms to the second dict."""
+    from trainer.comm import wrap_model
+    from trainer.config import TrainConfig
+    from trainer.model import build_model
+
+    generator = torch.Generator().manual_seed(dist.get_rank())
+    inputs, targets = torch.randn(32, 784, generator=generator), torch.randint(0, 10, (32,), generator=generator)
+    methods: dict[str, Callable[[], float]] = {}
+    step_ms: dict[str, list[float]] = {}
+    for option in DDP_OPTIONS:
+        model = build_model(TrainConfig())
+        if option == "gloo (one bucket)":
+            one_bucket_mb = sum(p.numel() for p in model.parameters()) * 4 / 2**20 + 1
+            ddp, comm = wrap_model(model, torch.device("cpu"), True, "gloo", timeout_s=60, bucket_cap_mb=one_bucket_mb)
+            assert comm is not None
+            take = comm.take_ms
+        else:
+            # warmup_steps: the lossy options start sending less after the warm-up calls.
+            ddp, comm = wrap_model(model, torch.device("cpu"), True, option, timeout_s=60, warmup_steps=2)
+            assert comm is not None
+            take = comm.take_ms
+        step_ms[option] = []
+
+        def call(ddp: torch.nn.Module = ddp, take: Callable[[], float] = take, option: str = option) -> float:
+            started = time.perf_counter()
+            ddp.zero_grad(set_to_none=True)
+            F.cross_entropy(ddp(inputs), targets).backward()
+            step_ms[option].append((time.perf_counter() - started) * 1e3)
+            return take()
+
+        methods[option] = call
+    return methods, step_ms
+
+
+def worker(out: Path, calls: int, rounds: int) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    sizes, steps = [], []
+    try:
+        for size in SIZES_BYTES:
+            samples = interleave(allreduce_methods(size // 4), calls, rounds)
+            sizes += [{"world_size": world, "bytes": size, "method": m, **stats(ms)} for m, ms in samples.items()]
+        methods, step_ms = ddp_methods()
+        samples = interleave(methods, calls, rounds)
+        for option, ms in samples.items():
+            whole = stats(step_ms[option][5:])  # past the warm-up calls
+            row = {"world_size": world, "comm": option, **stats(ms)}
+            row.update({"step_median_ms": whole["median_ms"], "step_p95_ms": whole["p95_ms"]})
+            steps.append(row)
+    finally:
+        dist.destroy_process_group()
+    if rank == 0:
+        (out / f"worker-{world}.json").write_text(json.dumps({"sizes": sizes, "ddp": steps}))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if "RANK" in os.environ:
+        worker(Path(args.out), args.calls, args.rounds)
+        return
+    out = results_dir("sync", args.out)
+    info = machine()
+    write_json(out / "machine.json", info)
+    sizes: list[dict[str, Any]] = []
+    ddp: list[dict[str, Any]] = []
+    for world in (int(w) for w in args.world_sizes.split(",")):
+        cmd = torchrun(
+            world, "benchmarks.sync", ["--calls", str(args.calls), "--rounds", str(args.rounds), "--out", str(out)]
+        )
+        run_checked(cmd, child_env(), timeout=600)
+        result = json.loads((out / f"worker-{world}.json").read_text())
+        sizes += result["sizes"]
+        ddp += result["ddp"]
+    write_csv(out / "sync-sizes.csv", sizes)
+    write_csv(out / "sync-ddp.csv", ddp)
+    for row in sizes:
+        row["size"] = f"{row['bytes'] / 2**10:,.0f} KiB"
+    text = (
+        f"All-reduce of one float32 tensor, rank 0, median (p95) of {args.calls} calls, 1 thread per rank.\n"
+        f"Machine: {machine_line(info)}\n\n"
+        + markdown_table(
+            sizes,
+            (
+                ("world_size", "world"),
+                ("size", "size"),
+                ("method", "method"),
+                ("median_ms", "ms"),
+                ("p95_ms", "p95 ms"),
+            ),
+        )
+        + "\n\nDDP forward+backward of the MLP (batch 32 per rank) under each --comm option; "
+        "sync as the hook measures it.\n\n"
+        + markdown_table(
+            ddp,
+            (
+                ("world_size", "world"),
+                ("comm", "comm"),
+                ("median_ms", "sync ms"),
+                ("p95_ms", "sync p95"),
+                ("step_median_ms", "fwd+bwd ms"),
+                ("step_p95_ms", "fwd+bwd p95"),
+            ),
+        )
+        + "\n"
+    )
+    (out / "sync.md").write_text(text)
+    print(text)
+    print(f"results in {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Every benchmark runs end to end in its quick mode and leaves its files (figures are not judged here)."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+from tests.conftest import assert_ok, clean_env, run_process
+
+HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+
+
+def bench(module: str, out: Path, *args: str) -> str:
+    result = run_process(
+        [sys.executable, "-m", f"benchmarks.{module}", "--quick", "--out", str(out), *args], clean_env()
+    )
+    assert_ok(result)
+    assert json.loads((out / "machine.json").read_text())["torch"]
+    return result.stdout
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_scaling_quick(tmp_path: Path) -> None:
+    stdout = bench("scaling", tmp_path, "--comm", "auto")
+    rows = read_csv(tmp_path / "scaling.csv")
+    assert [(r["world_size"], r["comm"]) for r in rows] == [("1", "none"), ("2", "shm")]
+    for row in rows:
+        assert float(row["samples_per_second"]) > 0
+        assert float(row["cpu_percent_total"]) > 0 and float(row["rss_mb_total"]) > 0
+        assert int(float(row["os_threads_per_rank"])) >= 1
+    assert float(rows[1]["sync_ms_per_batch"]) > 0 and float(rows[0]["sync_ms_per_batch"]) == 0
+    assert float(rows[0]["speedup"]) == 1.0
+    assert "| world |" in stdout and (tmp_path / "scaling.md").read_text().count("\n| ") == 3
+    assert len(read_csv(tmp_path / "raw.csv")) == 2
+    assert (tmp_path / "scaling.png").exists() == HAVE_MATPLOTLIB
+
+
+def test_compare_quick(tmp_path: Path) -> None:
+    bench("compare", tmp_path)
+    rows = json.loads((tmp_path / "compare.json").read_text())["rows"]
+    assert [r["who"] for r in rows] == ["baseline, torchrun threads", "trainer"]
+    assert all(r["train_seconds"] > 0 and 0 < r["test_accuracy"] <= 1 for r in rows)
+
+
+def test_sync_quick(tmp_path: Path) -> None:
+    bench("sync", tmp_path)
+    sizes = read_csv(tmp_path / "sync-sizes.csv")
+    assert {r["method"] for r in sizes} == {"gloo", "shm", "gloo fp16", "gloo bf16"}
+    ddp = read_csv(tmp_path / "sync-ddp.csv")
+    assert {"gloo", "shm", "bf16", "fp16", "powersgd", "localsgd"} <= {r["comm"] for r in ddp}
+    assert (tmp_path / "sync.md").exists()
+
+
+def test_overhead_quick(tmp_path: Path) -> None:
+    bench("overhead", tmp_path, "--threads", "1")  # one thread: two stall whenever the test machine is busy
+    rows = read_csv(tmp_path / "overhead.csv")
+    assert [r["loop"] for r in rows] == ["floor", "train_step", "run_epoch"]
+    assert all(float(r["ms_per_step"]) > 0 for r in rows)
+
+
+def test_checkpoint_quick(tmp_path: Path) -> None:
+    bench("checkpoint", tmp_path)
+    rows = read_csv(tmp_path / "checkpoint.csv")
+    assert {r["what"] for r in rows} >= {"save", "load restore"}
+    assert len(read_csv(tmp_path / "raw.csv")) == 3
+
+
+def test_algorithms_quick(tmp_path: Path) -> None:
+    bench("algorithms", tmp_path)
+    rows = read_csv(tmp_path / "algorithms.csv")
+    assert [r["comm"] for r in rows] == ["shm", "localsgd"]
+    assert all(0 < float(r["test_accuracy"]) <= 1 for r in rows)
