@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from benchmarks.common import machine, machine_line, markdown_table, results_dir, write_csv, write_json
+from benchmarks.common import machine, machine_line, markdown_table, publish, results_dir, write_csv, write_json
 from benchmarks.scaling import run_once
 
 OPTIONS = "gloo,shm,bf16,fp16,powersgd,localsgd"
@@ -60,9 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         + "\n"
     )
-    (out / "algorithms.md").write_text(text)
-    print(text)
-    print(f"results in {out}")
+    publish(out, "algorithms", text)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import machine, machine_line, markdown_table, median_spread, results_dir, write_csv, write_json
+from benchmarks.common import (
+    machine,
+    machine_line,
+    markdown_table,
+    median_spread,
+    publish,
+    results_dir,
+    write_csv,
+    write_json,
+)
 from trainer.config import TrainConfig
 from trainer.fileio import atomic_write_bytes
 from trainer.model import build_model, build_optimizer
@@ -103,9 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         + markdown_table(rows, (("what", "step"), ("median_ms", "ms (median)"), ("min", "min"), ("max", "max")))
         + "\n"
     )
-    (out / "checkpoint.md").write_text(text)
-    print(text)
-    print(f"results in {out}")
+    publish(out, "checkpoint", text)
 
 
 if __name__ == "__main__":

@@ -203,3 +203,10 @@ def markdown_table(rows: list[dict[str, Any]], columns: Sequence[tuple[str, str]
 
 def write_json(path: Path, value: Any) -> None:
     path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+def publish(out: Path, name: str, text: str, note: str = "") -> None:
+    """Write the Markdown table as ``out/name.md`` and print it with where the results are."""
+    (out / f"{name}.md").write_text(text)
+    print(text)
+    print(f"results in {out}{note}")

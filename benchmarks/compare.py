@@ -29,6 +29,7 @@ from benchmarks.common import (
     machine_line,
     markdown_table,
     median_spread,
+    publish,
     results_dir,
     run_checked,
     torchrun,
@@ -131,9 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         + "\n"
     )
     write_json(out / "compare.json", {"rows": rows})
-    (out / "compare.md").write_text(text)
-    print(text)
-    print(f"results in {out}")
+    publish(out, "compare", text)
 
 
 if __name__ == "__main__":

@@ -20,12 +20,20 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import machine, machine_line, markdown_table, median_spread, results_dir, write_csv, write_json
+from benchmarks.common import (
+    machine,
+    machine_line,
+    markdown_table,
+    median_spread,
+    publish,
+    results_dir,
+    write_csv,
+    write_json,
+)
 from trainer.config import TrainConfig
 from trainer.data import load_mnist
 from trainer.distributed import DistEnv, configure_threads
@@ -115,9 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         f"Trainer overhead at world size 1: {steps} steps per loop, {args.rounds} rounds, "
         f"{torch.get_num_threads()} threads.\nMachine: {machine_line(info)}\n\n" + markdown_table(rows, columns) + "\n"
     )
-    (out / "overhead.md").write_text(text)
-    print(text)
-    print(f"results in {Path(out)}")
+    publish(out, "overhead", text)
 
 
 if __name__ == "__main__":

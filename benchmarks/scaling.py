@@ -29,6 +29,7 @@ from benchmarks.common import (
     machine_line,
     markdown_table,
     median_spread,
+    publish,
     results_dir,
     run_checked,
     torchrun,
@@ -216,10 +217,8 @@ def main(argv: list[str] | None = None) -> None:
         f"Machine: {machine_line(info)}\n\n"
     )
     text = header + markdown_table(table, COLUMNS) + "\n"
-    (out / "scaling.md").write_text(text)
     plotted = plot(table, out / "scaling.png", f"trainer scaling, {work}; {info['cpu']}, {info['cpus_usable']} CPUs")
-    print(text)
-    print(f"results in {out}" + ("" if plotted else " (no plot: install the 'bench' extra for matplotlib)"))
+    publish(out, "scaling", text, "" if plotted else " (no plot: install the 'bench' extra for matplotlib)")
 
 
 if __name__ == "__main__":

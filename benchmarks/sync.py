@@ -35,6 +35,7 @@ from benchmarks.common import (
     machine,
     machine_line,
     markdown_table,
+    publish,
     results_dir,
     run_checked,
     torchrun,
@@ -214,9 +215,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         + "\n"
     )
-    (out / "sync.md").write_text(text)
-    print(text)
-    print(f"results in {out}")
+    publish(out, "sync", text)
 
 
 if __name__ == "__main__":

@@ -28,20 +28,24 @@ from trainer.errors import UsageError
 from trainer.fileio import write_json
 from trainer.logs import setup_logging
 from trainer.loop import Trainer
-from trainer.rundir import check_run_dir, prepare_run_dir, starts_fresh
+from trainer.rundir import check_run_dir, finished_run, prepare_run_dir, starts_fresh
 from trainer.signals import StopRequested
 
 log = logging.getLogger("trainer")
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if it is true on any rank (so all ranks take the same branch)."""
+    if not dist.is_initialized():
+        return flag
+    tensor = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
 def agree_to_start(reason: str | None, device: torch.device) -> None:
     """Every rank stops if any rank found a reason to; no rank is left waiting in a collective."""
-    refused = reason is not None
-    if dist.is_initialized():
-        flag = torch.tensor([float(refused)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        refused = bool(flag.item())
-    if refused:
+    if any_rank(reason is not None, device):
         raise UsageError(reason or "another rank refused to start; see rank 0's error")
 
 
@@ -97,12 +101,18 @@ def log_resume(path: Path, payload: dict, trainer: Trainer) -> None:
     )
 
 
-def run(cfg: TrainConfig, dist_env: DistEnv, device: torch.device) -> dict:
+def run(cfg: TrainConfig, dist_env: DistEnv, device: torch.device) -> dict | None:
     """Prepare or resume the run on an initialised process group (or none at world size 1), then train."""
     run_dir = Path(cfg.run_dir)
     fresh = starts_fresh(cfg, dist_env)
     if cfg.overwrite and not fresh:
         log.info("--overwrite applied at this launch's first start; this restart resumes instead")
+    finished = finished_run(cfg, fresh)
+    if any_rank(finished is not None, device):
+        # Not an error: running the same job again is a no-op, and torchrun sees success.
+        if dist_env.is_main:
+            log.warning("%s", finished or "another rank found this run finished")
+        return None
     agree_to_start(check_run_dir(cfg, fresh), device)
     if cfg.download and dist_env.local_rank == 0:
         download_mnist(cfg.data_dir or "")

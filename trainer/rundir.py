@@ -41,21 +41,27 @@ def starts_fresh(cfg: TrainConfig, dist_env: DistEnv) -> bool:
     return recorded != dist_env.run_id
 
 
+def finished_run(cfg: TrainConfig, fresh: bool) -> str | None:
+    """What to tell the user when ``--run-dir`` already holds a finished run (there is nothing to do)."""
+    summary = Path(cfg.run_dir) / "summary.json"
+    if fresh or not summary.exists():
+        return None
+    return (
+        f"{cfg.run_dir} already holds a finished run ({describe_finished(summary)}), so there is nothing to do; "
+        "pick a new --run-dir, or add --overwrite to train it again from scratch"
+    )
+
+
 def check_run_dir(cfg: TrainConfig, fresh: bool) -> str | None:
     """Why this run must not start in ``--run-dir``, or None when it may (never deletes anything).
 
-    A finished run is never continued. An unfinished one is resumed under ``--resume auto`` (from
-    its newest checkpoint, or from step 0 if it has none) and refused under ``--resume never``.
+    An unfinished run is resumed under ``--resume auto`` (from its newest checkpoint, or from
+    step 0 if it has none) and refused under ``--resume never``. (A finished one is never
+    continued: see ``finished_run``.)
     """
     run_dir = Path(cfg.run_dir)
     if fresh:
         return None
-    summary = run_dir / "summary.json"
-    if summary.exists():
-        return (
-            f"{run_dir} already holds a finished run ({describe_finished(summary)}); "
-            "pick a new --run-dir, or add --overwrite to replace it"
-        )
     if cfg.resume != "never":
         return None
     if list_checkpoints(cfg.checkpoint_root):
