@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +101,66 @@ def assert_ok(result: subprocess.CompletedProcess[str]) -> None:
     assert result.returncode == 0, (
         f"exit {result.returncode}\nstdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-6000:]}"
     )
+
+
+class Launched:
+    """A command in its own session, stdout and stderr in one log file (no pipe can fill up)."""
+
+    def __init__(self, cmd: Sequence[str], env: dict[str, str], log: Path) -> None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        self.log = log
+        with log.open("w") as out:
+            self.proc = subprocess.Popen(
+                cmd, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait(self, timeout: float) -> int:
+        """Exit status; on timeout kill the whole tree and fail the test."""
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"{self.proc.args} did not finish in {timeout}s\n{self.output()[-6000:]}")
+
+    def kill(self) -> None:
+        """SIGKILL the process and everything under it, as if its host had died (safe if it has exited).
+
+        torchrun starts its workers in sessions of their own, so the tree is gathered first: once
+        the agent is gone its workers no longer hang below it.
+        """
+        try:
+            root = psutil.Process(self.proc.pid)
+            tree = [root, *root.children(recursive=True)] if self.proc.poll() is None else []
+        except psutil.NoSuchProcess:
+            tree = []
+        for process in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        if tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+        psutil.wait_procs(tree, timeout=10)
+
+
+def wait_until(condition: Callable[[], object], timeout: float, what: str, proc: Launched | None = None) -> object:
+    """Poll ``condition`` until it is truthy (returned); fail on timeout or if ``proc`` exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        if proc is not None and proc.proc.poll() is not None:
+            pytest.fail(f"process exited ({proc.proc.returncode}) before {what}\n{proc.output()[-6000:]}")
+        time.sleep(0.05)
+    pytest.fail(f"timed out after {timeout}s waiting for {what}")
 
 
 @pytest.fixture(autouse=True)

@@ -2,75 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
-import os
-import signal
-import subprocess
-import time
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import psutil
-import pytest
-from conftest import REPO
 
 # Columns of metrics.csv that an interrupted run must reproduce exactly (the rest are timings).
 EXACT_COLUMNS = ("epoch", "global_step", "train_loss", "val_loss", "val_accuracy")
-
-
-class Launched:
-    """A process started in its own session, its output going to files (no pipe can fill up)."""
-
-    def __init__(self, cmd: Sequence[str], env: dict[str, str], log_dir: Path, name: str) -> None:
-        log_dir.mkdir(parents=True, exist_ok=True)
-        self.stdout_path, self.stderr_path = log_dir / f"{name}.out", log_dir / f"{name}.err"
-        with self.stdout_path.open("w") as out, self.stderr_path.open("w") as err:
-            self.proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=out, stderr=err, start_new_session=True)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def output(self) -> str:
-        return self.stdout_path.read_text() + self.stderr_path.read_text()
-
-    def wait(self, timeout: float) -> int:
-        """Exit status; on timeout kill the whole session and fail the test."""
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            pytest.fail(f"{self.proc.args} did not finish in {timeout}s\n{self.output()[-6000:]}")
-
-    def kill(self) -> None:
-        """SIGKILL the process and everything under it: torchrun starts its workers in their own sessions."""
-        try:
-            root = psutil.Process(self.proc.pid)
-            tree = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            tree = []
-        for process in tree:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                process.kill()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=30)
-        psutil.wait_procs(tree, timeout=10)
-
-
-def wait_until(condition: Callable[[], Any], timeout: float, what: str, proc: Launched | None = None) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        if proc is not None and proc.proc.poll() is not None:
-            pytest.fail(f"process exited ({proc.proc.returncode}) before {what}\n{proc.output()[-6000:]}")
-        time.sleep(0.02)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}")
 
 
 def records(path: Path) -> list[dict[str, Any]]:

@@ -7,8 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import clean_env, free_port, read_summary
-from faults import Launched, first_steps, latest_step, trained_positions, wait_until
+from conftest import Launched, clean_env, free_port, read_summary, wait_until
+from faults import first_steps, latest_step, trained_positions
 
 from trainer.sampling import epoch_permutation
 
@@ -51,9 +51,9 @@ def agent_cmd(port: int, is_host: bool, run_dir: Path) -> list[str]:
 
 def test_a_node_leaves_and_the_survivor_continues_alone_from_the_checkpoint(tmp_path: Path) -> None:
     run_dir, port = tmp_path / "run", free_port()
-    host = Launched(agent_cmd(port, True, run_dir), clean_env(), tmp_path, "node-a")
+    host = Launched(agent_cmd(port, True, run_dir), clean_env(), tmp_path / "node-a.log")
     time.sleep(0.5)  # node A serves the rendezvous store
-    other = Launched(agent_cmd(port, False, run_dir), clean_env(), tmp_path, "node-b")
+    other = Launched(agent_cmd(port, False, run_dir), clean_env(), tmp_path / "node-b.log")
     try:
         # Both nodes trained together (world size 2) past a checkpoint, then node B dies whole.
         wait_until(lambda: latest_step(run_dir) >= 20, 180, "step 20 at world size 2", host)
@@ -83,7 +83,9 @@ def test_first_signal_stops_gracefully_second_exits_at_once(tmp_path: Path) -> N
     run_dir = tmp_path / "run"
     # One process, few agreement points (log and checkpoint points far apart): the first signal waits.
     args = ["--run-dir", str(run_dir), "--batch-size", "8", "--epochs", "1", "--log-every", "100000"]
-    job = Launched([sys.executable, "-m", "trainer", *args, "--checkpoint-every", "100000"], clean_env(), tmp_path, "p")
+    job = Launched(
+        [sys.executable, "-m", "trainer", *args, "--checkpoint-every", "100000"], clean_env(), tmp_path / "p.log"
+    )
     wait_until(lambda: first_steps(run_dir), 120, "the first step", job)
     job.proc.send_signal(signal.SIGINT)
     time.sleep(1.5)  # more than the 1 s in which a repeat counts as the same request
@@ -97,7 +99,7 @@ def test_first_signal_stops_gracefully_second_exits_at_once(tmp_path: Path) -> N
 def test_sigint_stop_writes_a_checkpoint_and_exits_130(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     args = ["--run-dir", str(run_dir), "--batch-size", "64", "--epochs", "1", "--log-every", "7"]
-    job = Launched([sys.executable, "-m", "trainer", *args], clean_env(), tmp_path, "p")
+    job = Launched([sys.executable, "-m", "trainer", *args], clean_env(), tmp_path / "p.log")
     wait_until(lambda: latest_step(run_dir) >= 14, 120, "step 14", job)
     job.proc.send_signal(signal.SIGINT)
     assert job.wait(60) == 130
@@ -113,7 +115,7 @@ def test_survivor_of_an_unresponsive_peer_exits_after_the_timeout(tmp_path: Path
     args = [sys.executable, "-m", "trainer", "--run-dir", str(run_dir), "--batch-size", "64", "--timeout", "5"]
     args += ["--log-every", "5"]
     env = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    ranks = [Launched(args, clean_env(RANK=str(r), **env), tmp_path, f"rank{r}") for r in (0, 1)]
+    ranks = [Launched(args, clean_env(RANK=str(r), **env), tmp_path / f"rank{r}.log") for r in (0, 1)]
     try:
         wait_until(lambda: latest_step(run_dir) >= 10, 120, "step 10", ranks[0])
         ranks[1].proc.send_signal(signal.SIGSTOP)

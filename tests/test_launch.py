@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import assert_ok, free_port, read_summary, run_process
-from launching import LAUNCH, STEPS, Background, launch_env, ranks_of, read_sha, trainer_has, wait_for
+from conftest import Launched, assert_ok, free_port, read_summary, run_process, wait_until
+from launching import LAUNCH, STEPS, launch_env, ranks_of, read_sha
 
 SCRIPTS = sorted([*LAUNCH.glob("*.sh"), *LAUNCH.glob("*.sbatch")])
 RUNNABLE = [p for p in SCRIPTS if p.name != "lib.sh"]
@@ -76,7 +76,7 @@ def test_env_launch_starts_every_rank_and_prefixes_output(tmp_path: Path, baseli
 def test_env_launch_one_rank_per_terminal(tmp_path: Path, baseline: str) -> None:
     run_dir, port = tmp_path / "run", str(free_port())
     ranks = [
-        Background(
+        Launched(
             [str(LAUNCH / "env_launch.sh"), *STEPS, "--run-dir", str(run_dir)],
             launch_env(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
             tmp_path / f"rank{rank}.log",
@@ -88,18 +88,18 @@ def test_env_launch_one_rank_per_terminal(tmp_path: Path, baseline: str) -> None
             assert rank.wait(180) == 0, rank.output()[-4000:]
     finally:
         for rank in ranks:
-            rank.close()
+            rank.kill()
     assert read_sha(run_dir) == baseline
 
 
-def start_long_env_launch(tmp_path: Path) -> tuple[Background, Path]:
+def start_long_env_launch(tmp_path: Path) -> tuple[Launched, Path]:
     run_dir = tmp_path / "run"
     args = ["--epochs", "3", "--log-every", "10", "--timeout", "30", "--run-dir", str(run_dir)]
-    script = Background(
+    script = Launched(
         [str(LAUNCH / "env_launch.sh"), *args], launch_env(NPROC="2", STOP_GRACE="20"), tmp_path / "out.log"
     )
     # Both ranks are training once rank 1 has logged a step sample.
-    wait_for(lambda: (run_dir / "rank1.jsonl").exists(), 120, "rank 1 to start training")
+    wait_until(lambda: (run_dir / "rank1.jsonl").exists(), 120, "rank 1 to start training")
     return script, run_dir
 
 
@@ -111,7 +111,7 @@ def test_env_launch_stops_the_others_when_a_rank_fails(tmp_path: Path) -> None:
         status = script.wait(60)
         out = script.output()
     finally:
-        script.close()
+        script.kill()
     assert status == 128 + signal.SIGKILL, out[-3000:]
     assert "rank 1 exited with status 137; stopping ranks 0" in out
     assert time.monotonic() - started < 25  # rank 0 went on SIGTERM, not at its --timeout
@@ -127,7 +127,7 @@ def test_env_launch_forwards_sigterm_to_every_rank(tmp_path: Path) -> None:
         out = script.output()
         assert not any(proc.is_running() for proc in ranks.values())
     finally:
-        script.close()
+        script.kill()
     assert status != 0, out[-3000:]
     assert "got SIGTERM, passing it to ranks" in out
 
@@ -151,7 +151,7 @@ def test_env_launch_rejects_bad_variables(env: dict[str, str], message: str) -> 
 def test_multinode_sh_static_rendezvous_two_agents(tmp_path: Path, baseline: str) -> None:
     run_dir, port = tmp_path / "run", str(free_port())
     agents = [
-        Background(
+        Launched(
             [str(LAUNCH / "multinode.sh"), *STEPS, "--run-dir", str(run_dir)],
             launch_env(NNODES="2", NODE_RANK=str(node), NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
             tmp_path / f"node{node}.log",
@@ -163,7 +163,7 @@ def test_multinode_sh_static_rendezvous_two_agents(tmp_path: Path, baseline: str
             assert agent.wait(180) == 0, agent.output()[-4000:]
     finally:
         for agent in agents:
-            agent.close()
+            agent.kill()
     assert read_summary(run_dir)["world_size"] == 2
     assert read_sha(run_dir) == baseline
 
@@ -246,29 +246,24 @@ def test_slurm_sbatch_runs_one_agent_per_node(tmp_path: Path, fake_slurm: dict[s
 
 
 def test_slurm_sbatch_requeues_before_the_time_limit(tmp_path: Path, fake_slurm: dict[str, str]) -> None:
-    """SIGUSR1 (``--signal=B:USR1@120``) -> requeue -> SIGTERM to the step -> the trainers stop.
-
-    With the trainer's checkpointing, the requeued job (same id, same run directory) then resumes.
-    """
-    resumable = trainer_has("--checkpoint-every")
+    """SIGUSR1 (``--signal=B:USR1@120``) -> requeue -> SIGTERM to the step -> the trainers checkpoint and
+    stop; the requeued job (same id, same run directory) then resumes."""
     run_dir, steps = tmp_path / "run", 1500
     args = ["--max-steps", str(steps), "--epochs", "3", "--log-every", "10", "--timeout", "30"]
-    args += ["--checkpoint-every", "50"] if resumable else []
+    args += ["--checkpoint-every", "50"]
     env = dict(fake_slurm, RUN_DIR=str(run_dir))
-    job = Background(["bash", str(LAUNCH / "slurm.sbatch"), *args], env, tmp_path / "job.log")
+    job = Launched(["bash", str(LAUNCH / "slurm.sbatch"), *args], env, tmp_path / "job.log")
     try:
-        wait_for(lambda: (run_dir / "rank1.jsonl").exists(), 120, "both nodes to train")
+        wait_until(lambda: (run_dir / "rank1.jsonl").exists(), 120, "both nodes to train")
         job.proc.send_signal(signal.SIGUSR1)
         status = job.wait(90)
         out = job.output()
     finally:
-        job.close()
+        job.kill()
     assert (tmp_path / "requeued").read_text().split() == ["4242"]
     assert "requeueing job 4242" in out
     assert status != 0, out[-3000:]
     assert not (run_dir / "summary.json").exists()
-    if not resumable:
-        pytest.skip("the resume after requeue needs the trainer's checkpoint/resume (--checkpoint-every)")
     requeued = run_process(["bash", str(LAUNCH / "slurm.sbatch"), *args], env, timeout=240)
     assert_ok(requeued)
     assert read_summary(run_dir)["global_step"] == steps
@@ -293,14 +288,14 @@ def test_pytorchjob_manifest_matches_the_contract(tmp_path: Path, baseline: str)
             env.update({item["name"]: item["value"] for item in container["env"]})
             command = [sys.executable if word == "python" else word for word in container["command"]]
             args = [*container["args"], *STEPS, "--run-dir", str(run_dir), "--timeout", "60"]
-            pods.append(Background([*command, *args], env, tmp_path / f"pod{rank}.log"))
+            pods.append(Launched([*command, *args], env, tmp_path / f"pod{rank}.log"))
             rank += 1
     try:
         for pod in pods:
             assert pod.wait(180) == 0, pod.output()[-4000:]
     finally:
         for pod in pods:
-            pod.close()
+            pod.kill()
     assert read_summary(run_dir)["world_size"] == world_size == 2
     assert read_sha(run_dir) == baseline
 
@@ -308,13 +303,13 @@ def test_pytorchjob_manifest_matches_the_contract(tmp_path: Path, baseline: str)
 # The contract's failure modes: each rank ends with a one-line error within --timeout, never a hang.
 
 
-def start_rank(tmp_path: Path, rank: int, world_size: int, port: int, addr: str = "127.0.0.1") -> Background:
+def start_rank(tmp_path: Path, rank: int, world_size: int, port: int, addr: str = "127.0.0.1") -> Launched:
     env = launch_env(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR=addr, MASTER_PORT=str(port))
     args = [*STEPS, "--run-dir", str(tmp_path / "run"), "--timeout", str(TIMEOUT)]
-    return Background([sys.executable, "-m", "trainer", *args], env, tmp_path / f"rank{rank}-{world_size}.log")
+    return Launched([sys.executable, "-m", "trainer", *args], env, tmp_path / f"rank{rank}-{world_size}.log")
 
 
-def expect_errors(ranks: list[Background], *messages: str) -> None:
+def expect_errors(ranks: list[Launched], *messages: str) -> None:
     """Every rank exits 2 within --timeout plus start-up, with its message on the last line."""
     try:
         for rank, message in zip(ranks, messages, strict=True):
@@ -324,7 +319,7 @@ def expect_errors(ranks: list[Background], *messages: str) -> None:
             assert last.startswith("trainer: error: ") and message in last, last
     finally:
         for rank in ranks:
-            rank.close()
+            rank.kill()
 
 
 def test_master_port_in_use(tmp_path: Path) -> None:

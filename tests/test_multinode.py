@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import assert_ok, read_summary, run_process
-from launching import LAUNCH, STEPS, Background, launch_env, read_sha, trainer_has, wait_for
+from conftest import Launched, assert_ok, read_summary, run_process, wait_until
+from launching import LAUNCH, STEPS, launch_env, read_sha
 
 SUBNET = "10.77.0"
 UNROUTED = "10.78.0.1"  # outside the hosts' only route: no packet leaves for it
@@ -31,9 +31,9 @@ class Host:
     ifname: str
     addr: str
 
-    def run(self, cmd: list[str], env: dict[str, str], log: Path) -> Background:
+    def run(self, cmd: list[str], env: dict[str, str], log: Path) -> Launched:
         """Start ``cmd`` inside this host; gloo must use the veth, not loopback."""
-        return Background(["ip", "netns", "exec", self.netns, *cmd], dict(env, GLOO_SOCKET_IFNAME=self.ifname), log)
+        return Launched(["ip", "netns", "exec", self.netns, *cmd], dict(env, GLOO_SOCKET_IFNAME=self.ifname), log)
 
 
 def ip(*args: str) -> None:
@@ -110,7 +110,7 @@ def test_two_hosts_train_like_one(tmp_path: Path, hosts: tuple[Host, Host]) -> N
         logs = agents[0].output() + agents[1].output()
     finally:
         for agent in agents:
-            agent.close()
+            agent.kill()
     summary = read_summary(run_dir)
     assert (summary["world_size"], summary["global_step"]) == (world_size, 30)
     assert summary["params_sha256"] == read_sha(local)
@@ -126,15 +126,13 @@ def test_unreachable_master_addr(tmp_path: Path, hosts: tuple[Host, Host]) -> No
         status = rank.wait(90)
         last = rank.output().strip().splitlines()[-1]
     finally:
-        rank.close()
+        rank.kill()
     assert status == 2
     assert last.startswith(f"trainer: error: cannot reach the rendezvous store at MASTER_ADDR={UNROUTED}"), last
     assert "(Network is unreachable)" in last, last
 
 
 def test_survivor_finishes_alone_from_the_checkpoint(tmp_path: Path, hosts: tuple[Host, Host]) -> None:
-    if not trainer_has("--checkpoint-every"):
-        pytest.skip("needs the trainer's checkpoint/resume (--checkpoint-every, --resume auto)")
     run_dir, steps = tmp_path / "run", 1500  # two epochs at world size 2: the kill lands mid-run
     args = ["--max-steps", str(steps), "--epochs", "5", "--log-every", "10", "--checkpoint-every", "20"]
     agents = [
@@ -147,14 +145,14 @@ def test_survivor_finishes_alone_from_the_checkpoint(tmp_path: Path, hosts: tupl
     ]
     try:
         checkpoints = run_dir / "checkpoints"
-        wait_for(lambda: checkpoints.is_dir() and any(checkpoints.iterdir()), 180, "a checkpoint of both hosts")
+        wait_until(lambda: checkpoints.is_dir() and any(checkpoints.iterdir()), 180, "a checkpoint of both hosts")
         assert "rank 0 of 2" in agents[0].output() + agents[1].output()
-        agents[1].close()  # the second host dies: its agent and its worker, without warning
+        agents[1].kill()  # the second host dies: its agent and its worker, without warning
         status = agents[0].wait(240)
         survivor_log = agents[0].output()
     finally:
         for agent in agents:
-            agent.close()
+            agent.kill()
     assert status == 0, survivor_log[-4000:]
     summary = read_summary(run_dir)
     assert (summary["world_size"], summary["global_step"]) == (1, steps), summary

@@ -10,8 +10,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import assert_ok, clean_env, read_summary, run_torchrun, run_trainer, torchrun_cmd
-from faults import Launched, first_steps, latest_step, metrics_rows, trained_positions, wait_until, workers
+from conftest import (
+    Launched,
+    assert_ok,
+    clean_env,
+    read_summary,
+    run_torchrun,
+    run_trainer,
+    torchrun_cmd,
+    wait_until,
+)
+from faults import first_steps, latest_step, metrics_rows, trained_positions, workers
 
 from trainer.config import TrainConfig
 from trainer.distributed import DistEnv
@@ -66,7 +75,7 @@ def test_sigkill_of_a_worker_restarts_and_finishes_with_the_same_model(
     run_dir = tmp_path / "run"
     # --overwrite as well: it must clear the run directory once, not again when torchrun restarts the workers.
     args = trainer_args(run_dir, "--overwrite")
-    job = Launched(torchrun_cmd(2, args, ["--max-restarts=3"]), clean_env(), tmp_path, "torchrun")
+    job = Launched(torchrun_cmd(2, args, ["--max-restarts=3"]), clean_env(), tmp_path / "torchrun.log")
     wait_until(lambda: latest_step(run_dir) >= 40, 120, "step 40", job)
     victim = workers(job.pid)[0]  # rank 0: the checkpoint writer
     killed_at = time.time()
@@ -87,7 +96,7 @@ def test_sigterm_to_one_worker_checkpoints_and_exits_then_resume_matches(
     tmp_path: Path, baseline: dict[str, Any]
 ) -> None:
     run_dir = tmp_path / "run"
-    job = Launched(torchrun_cmd(2, trainer_args(run_dir)), clean_env(), tmp_path, "stopped")
+    job = Launched(torchrun_cmd(2, trainer_args(run_dir)), clean_env(), tmp_path / "stopped.log")
     wait_until(lambda: latest_step(run_dir) >= 20, 120, "step 20", job)
     workers(job.pid)[1].send_signal(signal.SIGTERM)  # reaches rank 1 only; rank 0 writes
     assert job.wait(120) != 0
@@ -111,12 +120,12 @@ def test_resume_at_another_world_size_skips_and_repeats_no_sample(tmp_path: Path
     """2 processes -> 1 -> 2, stopped by SIGTERM mid-epoch each time, global batch fixed at 500."""
     run_dir = tmp_path / "run"
     args = [*trainer_args(run_dir), "--global-batch-size", "500", "--epochs", "1"]
-    two = Launched(torchrun_cmd(2, args), clean_env(), tmp_path, "two")
+    two = Launched(torchrun_cmd(2, args), clean_env(), tmp_path / "two.log")
     wait_until(lambda: latest_step(run_dir) >= 20, 120, "step 20", two)
     workers(two.pid)[0].send_signal(signal.SIGTERM)
     assert two.wait(120) != 0
 
-    one = Launched([sys.executable, "-m", "trainer", *args], clean_env(), tmp_path, "one")
+    one = Launched([sys.executable, "-m", "trainer", *args], clean_env(), tmp_path / "one.log")
     wait_until(lambda: latest_step(run_dir) >= 50, 120, "step 50", one)
     one.proc.send_signal(signal.SIGTERM)
     assert one.wait(120) == 128 + signal.SIGTERM
