@@ -20,6 +20,8 @@ from typing import Any
 import psutil
 import torch
 
+from trainer.distributed import without_launcher_vars
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 
@@ -61,8 +63,7 @@ def results_dir(name: str, out: str | None) -> Path:
 
 def child_env(**extra: str) -> dict[str, str]:
     """This environment minus launcher variables, with the repo importable, plus ``extra``."""
-    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in launcher}
+    env = without_launcher_vars(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.update(extra)
     return env

@@ -17,25 +17,16 @@ from typing import Any
 import psutil
 import pytest
 
+from trainer.distributed import without_launcher_vars
+
 REPO = Path(__file__).resolve().parents[1]
-DIST_VARS = (
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "LOCAL_WORLD_SIZE",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "GROUP_RANK",
-    "ROLE_RANK",
-    "TORCHELASTIC_RESTART_COUNT",
-)
 # Small, fast runs: short logs, few steps.
 QUICK = ("--epochs", "1", "--log-every", "20")
 
 
 def clean_env(**extra: str) -> dict[str, str]:
     """The test process's environment without launcher variables, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    env = without_launcher_vars(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)

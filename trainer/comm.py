@@ -36,7 +36,6 @@ from trainer import shm
 log = logging.getLogger(__name__)
 
 COMM_OPTIONS = ("auto", "gloo", "shm", "bf16", "fp16", "powersgd", "localsgd")
-EXACT_OPTIONS = ("gloo", "shm")
 POWERSGD_RANK = 4
 POWERSGD_START_ITER = 100
 LOCALSGD_START_ITER = 100

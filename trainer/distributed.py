@@ -24,6 +24,25 @@ from trainer.errors import UsageError
 log = logging.getLogger(__name__)
 
 CONTRACT_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+# Everything torchrun sets for a worker: a process started from inside a launched one must drop
+# these, or it would believe it is that worker.
+LAUNCHER_VARS = (
+    *CONTRACT_VARS,
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "ROLE_RANK",
+    "ROLE_WORLD_SIZE",
+    "TORCHELASTIC_RESTART_COUNT",
+    "TORCHELASTIC_MAX_RESTARTS",
+    "TORCHELASTIC_RUN_ID",
+    "TORCHELASTIC_USE_AGENT_STORE",
+    "TORCHELASTIC_ERROR_FILE",
+)
+
+
+def without_launcher_vars(env: Mapping[str, str]) -> dict[str, str]:
+    """A copy of ``env`` for starting a fresh job: no launcher variable leaks into it."""
+    return {k: v for k, v in env.items() if k not in LAUNCHER_VARS}
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,3 @@ class EpochPlan:
         for step in range(self.steps):
             begin = self.consumed_after(step) + self.rank * self.batch_size
             yield self.permutation[begin : begin + self.batch_size]
-
-
-def steps_per_epoch(n: int, global_batch: int) -> int:
-    return n // global_batch
