@@ -1,13 +1,15 @@
-"""Gradient sync cost: one all-reduce across message sizes, and a DDP step under each ``--comm`` option.
+"""Gradient sync cost: one all-reduce across message sizes, and a training step under each ``--comm`` option.
 
     python -m benchmarks.sync                  # world size 2
     python -m benchmarks.sync --world-sizes 2,4 --quick
 
 Part 1 times one all-reduce of a float32 tensor of each size through gloo, through the
 shared-memory path, and through gloo with the tensor cast to fp16/bf16 and back (what the
-compression options send). Part 2 runs the MLP's forward and backward under DDP with each
-``--comm`` option (plus DDP's own default buckets) and reports the sync time the hook measures
-per step and the whole step time. Each figure: warm-up calls, then the median and 95th
+compression options send); the shared-memory figure includes copying the result back into the
+tensor. Part 2 runs the MLP's forward and backward under each ``--comm`` option, as the trainer
+wraps the model for it (DDP with the option's hook, or for ``shm`` the model with its own
+end-of-backward sync), plus gloo in one DDP bucket, and reports the sync time the option
+measures per step and the whole step time. Each figure: warm-up calls, then the median and 95th
 percentile of timed calls on rank 0, with the methods interleaved round by round.
 
 This file is both the driver (no RANK in the environment: launches torchrun per world size)
@@ -200,8 +202,8 @@ def main(argv: list[str] | None = None) -> None:
                 ("p95_ms", "p95 ms"),
             ),
         )
-        + "\n\nDDP forward+backward of the MLP (batch 32 per rank) under each --comm option; "
-        "sync as the hook measures it.\n\n"
+        + "\n\nForward+backward of the MLP (batch 32 per rank) under each --comm option; "
+        "sync as the option measures it.\n\n"
         + markdown_table(
             ddp,
             (

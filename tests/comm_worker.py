@@ -5,6 +5,8 @@ the gradients after backward passes on this rank's batch, saved to ``OUT/rank<r>
 with this rank's local (unsynchronised) gradients.
 ``die OUT`` / ``stall OUT``: rank 1 exits / sleeps instead of joining a shared-memory all-reduce;
 rank 0 writes what happened to ``OUT/rank0.json``.
+``accumulate OUT``: under ``--comm shm``, a second backward pass without clearing the gradients;
+each rank writes the error it got to ``OUT/rank<r>.json``.
 """
 
 from __future__ import annotations
@@ -60,8 +62,8 @@ def grads(out: Path) -> None:
         assert comm is not None
         results[option] = grads_after(model, ddp, rank)
         results[f"{option}:resolved"] = comm.option
-        if comm.reducer is not None:
-            results[f"{option}:shm_file_left"] = comm.reducer.path.exists()
+        if comm.shm_sync is not None:
+            results[f"{option}:shm_file_left"] = comm.shm_sync.reducer.path.exists()
         if option == "localsgd":
             comm.sync_replicas(model)
             results["localsgd:synced_params"] = [p.detach().clone() for p in model.parameters()]
@@ -92,6 +94,22 @@ def peer_fails(out: Path, mode: str) -> None:
     os._exit(0)  # the group has a dead or stalled member: skip a teardown that would wait for it
 
 
+def accumulate(out: Path) -> None:
+    """Gradients left in shared memory must not be accumulated into (peers may still read them)."""
+    model = build_model(TrainConfig())
+    forward, comm = wrap_model(model, torch.device("cpu"), True, "shm", timeout_s=60)
+    assert comm is not None and comm.option == "shm"
+    inputs, targets = batch(dist.get_rank())
+    F.cross_entropy(forward(inputs), targets).backward()
+    try:
+        F.cross_entropy(forward(inputs), targets).backward()
+        error = None
+    except RuntimeError as exc:
+        error = str(exc)
+    (out / f"rank{dist.get_rank()}.json").write_text(json.dumps({"error": error}))
+    comm.close()
+
+
 def main() -> None:
     mode, out = sys.argv[1], Path(sys.argv[2])
     torch.set_num_threads(1)
@@ -99,6 +117,8 @@ def main() -> None:
     try:
         if mode == "grads":
             grads(out)
+        elif mode == "accumulate":
+            accumulate(out)
         else:
             peer_fails(out, mode)
     finally:

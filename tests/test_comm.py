@@ -18,6 +18,7 @@ Tolerances, elementwise, with ``m = mean over ranks of |local gradient|`` (the s
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -171,8 +172,27 @@ def test_shm_raises_when_a_peer_stalls_past_the_timeout(tmp_path: Path) -> None:
     assert outcome["error"] is not None and "did not reach" in outcome["error"]
 
 
+def test_shm_refuses_to_accumulate_into_shared_gradients(tmp_path: Path) -> None:
+    before = shm_entries()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    assert_ok(run_process([*cmd, WORKER, "accumulate", str(tmp_path)], clean_env(), timeout=120))
+    assert shm_entries() - before == set(), "shared memory left behind"
+    for rank in (0, 1):
+        error = json.loads((tmp_path / f"rank{rank}.json").read_text())["error"]
+        assert error is not None and "zero_grad(set_to_none=True)" in error
+
+
+def test_chunks_cover_the_vector_on_cache_line_boundaries() -> None:
+    for total, world in [(535_818, 2), (535_818, 4), (10, 4), (1, 3)]:
+        bounds = shm.chunk_bounds(total, world)
+        assert bounds[0][0] == 0 and bounds[-1][1] == total
+        assert all(hi == next_lo for (_, hi), (next_lo, _) in itertools.pairwise(bounds))
+        assert all(lo % shm.CHUNK_ALIGN == 0 or lo == total for lo, _ in bounds)
+
+
 def test_unsupported_reasons() -> None:
     cpu = torch.device("cpu")
+    assert "float32" in (shm.unsupported_reason(cpu, ["a"], machine="x86_64", dtypes={torch.float64}) or "")
     assert shm.unsupported_reason(cpu, ["a", "a"], machine="x86_64") is None
     assert "hosts" in (shm.unsupported_reason(cpu, ["a", "b"], machine="x86_64") or "")
     assert "x86-64" in (shm.unsupported_reason(cpu, ["a", "a"], machine="aarch64") or "")

@@ -1,14 +1,16 @@
 """Gradient synchronisation: DDP wrapping, the ``--comm`` options, and timing of whichever runs.
 
-Sync time is measured where it happens: every option runs as a DDP communication hook, and
-a wrapper notes when each bucket's hook is entered and when its future completes, so the
-figure is communication (plus any wait for a slower peer), not inferred from wall time.
+Sync time is measured where it happens: the DDP options run as communication hooks, and a
+wrapper notes when each bucket's hook is entered and when its future completes; ``shm`` times
+its own call. The figure is communication (plus any wait for a slower peer), not inferred
+from wall time.
 
 Options (``--comm``):
 
 - ``gloo``: the process group's own all-reduce (gloo on CPU, nccl on CUDA): pre-divide, sum.
 - ``shm``: the same arithmetic through shared memory between the ranks of one host
-  (``trainer.shm``); exact, several times faster than gloo on loopback.
+  (``trainer.shm``); exact, several times faster than gloo on loopback. It does DDP's job
+  itself, without DDP (see ``ShmGradientSync``).
 - ``auto`` (default): ``shm`` where it can run, else ``gloo``; the log says which and why.
 - ``bf16`` / ``fp16``: gradients cast to 16 bits for the all-reduce (half the bytes; lossy).
 - ``powersgd``: rank-``POWERSGD_RANK`` PowerSGD with error feedback after ``POWERSGD_START_ITER``
@@ -87,14 +89,57 @@ def _allreduce_hook(group: dist.ProcessGroup, bucket: dist.GradBucket) -> torch.
     return dist.all_reduce(tensor, group=group, async_op=True).get_future().then(lambda fut: fut.value()[0])
 
 
-def _shm_hook(reducer: shm.ShmAllreduce, group: dist.ProcessGroup, bucket: dist.GradBucket) -> torch.futures.Future:
-    tensor = bucket.buffer()
-    if tensor.dtype != torch.float32 or tensor.numel() > reducer.capacity:
-        return _allreduce_hook(group, bucket)  # the same decision on every rank: buckets are alike
-    reducer.allreduce_(tensor, divide_by=reducer.world_size)
-    future: torch.futures.Future = torch.futures.Future()
-    future.set_result(tensor)
-    return future
+class ShmGradientSync:
+    """Averages a model's gradients through shared memory at the end of every backward pass.
+
+    What DDP does for the other options, done without DDP: at world size 2 on two cores, DDP's
+    per-step bookkeeping and the copy of the result back into its buckets cost about as much as
+    the shared-memory all-reduce itself. Here each parameter's ``.grad`` becomes a view of the
+    shared result (``ShmAllreduce.reduce``), which the optimiser reads in place. The price: the
+    gradients must be cleared with ``zero_grad(set_to_none=True)`` (torch's default) before the
+    next backward pass, because peers may still read them; accumulating into them is refused.
+    """
+
+    def __init__(self, model: nn.Module, reducer: shm.ShmAllreduce, timer: "SyncTimer") -> None:
+        self.reducer, self.timer = reducer, timer
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self._queued = False
+        self._handles = [p.register_post_accumulate_grad_hook(self._grad_ready) for p in self.params]
+        with torch.no_grad():  # start from rank 0's weights, as DDP does
+            for tensor in [*model.parameters(), *model.buffers()]:
+                dist.broadcast(tensor, src=dist.get_global_rank(reducer.group, 0), group=reducer.group)
+
+    def _grad_ready(self, _param: torch.Tensor) -> None:
+        if not self._queued:  # first gradient of this backward pass: sync once it has finished
+            self._queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._sync)
+
+    def _sync(self) -> None:
+        self._queued = False
+        started = time.perf_counter()
+        grads = []
+        for p in self.params:
+            if p.grad is None:
+                grads.append(torch.zeros_like(p))  # not used this pass: contributes zero, as in DDP
+            elif self.reducer.owns(p.grad):
+                raise RuntimeError(
+                    "--comm shm: a gradient still lives in shared memory at the next backward pass; clear "
+                    "gradients with zero_grad(set_to_none=True) first, or use --comm gloo to accumulate them"
+                )
+            else:
+                grads.append(p.grad.contiguous())
+        averaged = self.reducer.reduce(grads, divide_by=self.reducer.world_size)
+        for p, grad in zip(self.params, averaged, strict=True):
+            p.grad = grad
+        self.timer.add_ms((time.perf_counter() - started) * 1e3)
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        for p in self.params:
+            if p.grad is not None and self.reducer.owns(p.grad):
+                p.grad = p.grad.clone()  # the mapping goes away
+        self.reducer.close()
 
 
 class Comm:
@@ -103,7 +148,7 @@ class Comm:
     def __init__(self, option: str, timer: SyncTimer) -> None:
         self.option = option
         self.timer = timer
-        self.reducer: shm.ShmAllreduce | None = None
+        self.shm_sync: ShmGradientSync | None = None
         self.averager: PeriodicModelAverager | None = None
 
     def take_ms(self) -> float:
@@ -129,16 +174,17 @@ class Comm:
             offset += p.numel()
 
     def close(self) -> None:
-        if self.reducer is not None:
-            self.reducer.close()
-            self.reducer = None
+        if self.shm_sync is not None:
+            self.shm_sync.close()
+            self.shm_sync = None
 
 
-def resolve_comm(requested: str, device: torch.device, group: dist.ProcessGroup) -> tuple[str, str]:
+def resolve_comm(requested: str, model: nn.Module, device: torch.device, group: dist.ProcessGroup) -> tuple[str, str]:
     """``requested`` -> the option that will run, and why. Collective: every rank must call it."""
     keys: list[str] = [""] * dist.get_world_size(group)
     dist.all_gather_object(keys, shm.host_key(), group=group)
-    reason = shm.unsupported_reason(device, keys)
+    dtypes = {p.dtype for p in model.parameters() if p.requires_grad}
+    reason = shm.unsupported_reason(device, keys, dtypes=dtypes)
     if requested == "auto":
         if reason:
             return "gloo", f"auto: shared memory unavailable ({reason})"
@@ -157,12 +203,14 @@ def wrap_model(
     bucket_cap_mb: float | None = None,
     warmup_steps: int | None = None,
 ) -> tuple[nn.Module, Comm | None]:
-    """DDP with the chosen sync option, timed, when distributed; the bare model (and no Comm) otherwise.
+    """The model to train through, and its timed sync option, when distributed; the bare model (and
+    no Comm) otherwise.
 
-    ``bucket_cap_mb`` defaults to one bucket for all gradients under ``shm`` (one rendezvous per
-    step instead of one per bucket) and to DDP's own default otherwise (gloo then overlaps the
-    first bucket's all-reduce with the rest of the backward pass).
-    ``warmup_steps`` overrides the exact steps before PowerSGD or local SGD start.
+    Under ``shm`` that is the model itself, whose backward pass ends with the shared-memory
+    average; under the other options, DDP with the option's communication hook.
+    ``bucket_cap_mb`` is DDP's (its default lets gloo overlap the first bucket's all-reduce with
+    the rest of the backward pass). ``warmup_steps`` overrides the exact steps before PowerSGD or
+    local SGD start.
     """
     if not distributed:
         return model, None
@@ -170,14 +218,18 @@ def wrap_model(
         raise ValueError(f"unknown comm option {comm!r}; choose from {', '.join(COMM_OPTIONS)}")
     group = dist.group.WORLD
     numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    option, why = resolve_comm(comm, device, group)
+    option, why = resolve_comm(comm, model, device, group)
+    result = Comm(option, SyncTimer())
     if option == "shm":
         try:
-            reducer = shm.ShmAllreduce(group, capacity=numel, timeout_s=timeout_s)
+            reducer = shm.ShmAllreduce(group, numel, timeout_s)
         except OSError as exc:  # raised on every rank alike, so all fall back together
             option, why = "gloo", f"{exc}; falling back to the process group's all-reduce"
-    if bucket_cap_mb is None and option == "shm":
-        bucket_cap_mb = numel * 4 / 2**20 + 1
+            result = Comm(option, SyncTimer())
+        else:
+            result.shm_sync = ShmGradientSync(model, reducer, result.timer)
+            log.log(_level(comm, option), "gradient sync: %s (%s)", option, why)
+            return model, result
     ddp = DistributedDataParallel(
         model,
         device_ids=[device.index] if device.type == "cuda" else None,
@@ -185,12 +237,8 @@ def wrap_model(
         # Gradients live in the communication buckets: no copy in or out each step.
         gradient_as_bucket_view=True,
     )
-    result = Comm(option, SyncTimer())
     hook: Hook
-    if option == "shm":
-        result.reducer = reducer
-        hook = functools.partial(_shm_hook, reducer, group)
-    elif option == "gloo":
+    if option == "gloo":
         hook = functools.partial(_allreduce_hook, group)
     elif option in ("bf16", "fp16"):
         compress = default_hooks.bf16_compress_hook if option == "bf16" else default_hooks.fp16_compress_hook
@@ -215,7 +263,10 @@ def wrap_model(
         hook = functools.partial(post_localSGD_hook.post_localSGD_hook, state)
         result.averager = PeriodicModelAverager(period=LOCALSGD_PERIOD, warmup_steps=start)
     ddp.register_comm_hook(None, result.timer.timed(hook))
-    # A fallback from an explicit request is worth a warning; auto's choice is routine.
-    level = logging.WARNING if comm not in ("auto", option) else logging.INFO
-    log.log(level, "gradient sync: %s (%s)", option, why)
+    log.log(_level(comm, option), "gradient sync: %s (%s)", option, why)
     return ddp, result
+
+
+def _level(requested: str, option: str) -> int:
+    """A fallback from an explicit request is worth a warning; auto's choice is routine."""
+    return logging.WARNING if requested not in ("auto", option) else logging.INFO

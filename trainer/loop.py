@@ -129,7 +129,7 @@ class Trainer:
         loaded = time.perf_counter()
         loss = F.cross_entropy(self.ddp(inputs), targets)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # under DDP this waits for the gradient all-reduce
+        loss.backward()  # ends with the gradient sync of the --comm option
         self.optimizer.step()
         if self.comm is not None:
             self.comm.after_step(self.model.parameters())

@@ -2,18 +2,28 @@
 
 Gloo on loopback pays a few hundred microseconds of socket traffic per call even for small
 messages; two processes on one host can instead write their gradients into a shared mapping
-and add them. The result is the same arithmetic as gloo's sum:
+and add them. Each call is a reduce-scatter into one shared result followed by reading that
+result, so every element is added once, by one rank, and no rank copies what it sums itself:
 
-- world size 2: ``g0 + g1``, and IEEE addition is commutative, so it is bit for bit the value
-  gloo computes (in whichever order it adds);
-- larger worlds: ``((g0 + g1) + g2) + ...`` in rank order on every rank, so all replicas agree
-  exactly; gloo's ring adds in another order, so against gloo the values agree up to float
-  summation order (relative error of a few float32 ulps of the summed magnitudes).
+1. the vector is cut into ``world_size`` chunks (cache-line aligned); rank ``r`` owns chunk ``r``;
+2. every rank writes ``x / divide_by`` of the chunks it does not own into its slot, and of its
+   own chunk straight into the shared result; then it publishes phase 1;
+3. when all ranks have published phase 1, each owner adds the other ranks' slots of its chunk
+   into the result, in rank order, and publishes phase 2;
+4. when all have published phase 2, the whole result is the sum on every rank (one shared copy).
 
-Protocol: each call is a generation ``g``. A rank copies its tensor into its slot of slot set
-``g % 2``, publishes ``g`` in its flag, waits for every peer's flag to reach ``g``, then adds the
-slots. Two slot sets mean one rendezvous per call suffices: a peer can only overwrite a slot set
-(at ``g + 2``) after this rank has published ``g + 1``, i.e. after it finished reading ``g``.
+The arithmetic is gloo's sum of pre-divided gradients:
+
+- world size 2: ``g0/2 + g1/2``, and IEEE addition is commutative, so it is bit for bit the
+  value gloo computes (in whichever order it adds);
+- larger worlds: each element is summed in one fixed order (its owner's term first, then rank
+  order), and all ranks read the same result, so replicas agree exactly; gloo's ring adds in
+  another order, so against gloo the values agree up to float summation order (relative error
+  of a few float32 ulps of the summed magnitudes).
+
+Two slot sets (``generation % 2``) mean a rank can start the next call while a peer still reads
+the previous result: a set is rewritten two calls later, after every rank has entered the call
+in between, and a rank is done with a result when it calls again.
 
 Hazards handled here: x86-64 keeps stores in program order (TSO), which the flag-after-data
 publication relies on, so other architectures fall back to gloo; a waiting rank yields the CPU
@@ -32,6 +42,7 @@ import platform
 import secrets
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +56,7 @@ log = logging.getLogger(__name__)
 SHM_DIR = Path("/dev/shm")
 NAME_PREFIX = "trainer-allreduce-"
 FLAG_STRIDE = 8  # int64s per flag: one 64-byte cache line each, so ranks don't contend on a line
+CHUNK_ALIGN = 16  # float32s per 64-byte cache line
 X86_64 = ("x86_64", "amd64", "AMD64")
 SPIN_BEFORE_YIELD = 64  # polls before yielding the CPU on each further poll
 SLEEP_AFTER_S = 0.005  # a peer this late is not about to arrive: poll every SLEEP_S instead
@@ -78,11 +90,18 @@ def _start_time(pid: int) -> int | None:
     return int(fields[19])
 
 
-def unsupported_reason(tensor_device: torch.device, host_keys: list[str], machine: str | None = None) -> str | None:
+def unsupported_reason(
+    tensor_device: torch.device,
+    host_keys: list[str],
+    machine: str | None = None,
+    dtypes: set[torch.dtype] | None = None,
+) -> str | None:
     """Why the shared-memory path cannot serve this group, or None when it can."""
     machine = platform.machine() if machine is None else machine
     if tensor_device.type != "cpu":
         return f"gradients live on {tensor_device.type}, not in host memory"
+    if dtypes and dtypes != {torch.float32}:
+        return f"it sums float32 only, and the parameters are {', '.join(sorted(map(str, dtypes)))}"
     if machine not in X86_64:
         return f"{machine} may reorder stores; the flag protocol is only proven on x86-64"
     if not SHM_DIR.is_dir():
@@ -115,6 +134,23 @@ def _attach(path: Path, size: int) -> mmap.mmap:
         os.close(fd)
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """One slot set's views for a list of tensors of given sizes, made once (slicing costs time per step)."""
+
+    writes: list[tuple[int, slice, torch.Tensor]]  # (tensor, its elements, where they go)
+    own_result: torch.Tensor  # the chunk this rank sums, in the shared result
+    own_from_peers: list[torch.Tensor]  # the same chunk in each peer's slot, in rank order
+    results: list[torch.Tensor]  # each tensor's span of the shared result
+
+
+def chunk_bounds(total: int, world_size: int) -> list[tuple[int, int]]:
+    """[start, end) of the chunk each rank sums, cut at cache-line boundaries so owners never share a line."""
+    per_rank = -(-total // world_size)
+    per_rank = -(-per_rank // CHUNK_ALIGN) * CHUNK_ALIGN
+    return [(min(k * per_rank, total), min((k + 1) * per_rank, total)) for k in range(world_size)]
+
+
 class ShmAllreduce:
     """In-place sum of float32 tensors of up to ``capacity`` elements over ``group``, all on one host.
 
@@ -128,7 +164,8 @@ class ShmAllreduce:
         self.capacity, self.timeout_s = capacity, timeout_s
         self._generation = 0
         header = self.world_size * FLAG_STRIDE * 8
-        size = header + 2 * self.world_size * capacity * 4
+        # Two slot sets of one slot per rank, and two result vectors.
+        size = header + 2 * (self.world_size + 1) * capacity * 4
         # More ranks than CPUs: a spinning rank would steal the core its peer needs to arrive.
         self._yield_always = available_cpus() < self.world_size
 
@@ -167,33 +204,73 @@ class ShmAllreduce:
             raise OSError(f"shared memory could not be mapped: {'; '.join(failures)}")
 
         self._flags = np.frombuffer(self._map, dtype=np.int64, count=self.world_size * FLAG_STRIDE)
-        data = torch.frombuffer(self._map, dtype=torch.float32, offset=header, count=2 * self.world_size * capacity)
-        self._slots = data.view(2, self.world_size, capacity)
+        data = torch.frombuffer(
+            self._map, dtype=torch.float32, offset=header, count=(self.world_size + 1) * 2 * capacity
+        )
+        self._slots = data[: 2 * self.world_size * capacity].view(2, self.world_size, capacity)
+        self._results = data[2 * self.world_size * capacity :].view(2, capacity)
+        self._plans: dict[tuple[int, ...], tuple[_Plan, _Plan]] = {}
+
+    def owns(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor``'s memory lies in this reducer's shared mapping (a result handed out)."""
+        start = self._slots.data_ptr()
+        end = self._results.data_ptr() + self._results.numel() * 4
+        return start <= tensor.data_ptr() < end
 
     def allreduce_(self, tensor: torch.Tensor, divide_by: int = 1) -> torch.Tensor:
         """Replace ``tensor`` (contiguous float32, at most ``capacity`` elements) by the group's sum of
         ``tensor / divide_by`` (``divide_by`` = world size gives DDP's average, divided before summing)."""
         if self.world_size == 1:
             return tensor.div_(divide_by)
-        n = tensor.numel()
-        flat = tensor.view(-1)
-        generation = self._generation + 1
-        slots = self._slots[generation % 2, :, :n]
-        if divide_by == 1:
-            slots[self.rank].copy_(flat)
-        else:
-            torch.div(flat, divide_by, out=slots[self.rank])  # divide and publish in one pass
-        self._flags[self.rank * FLAG_STRIDE] = generation
-        self._wait_for_peers(generation)
-        torch.add(slots[0], slots[1], out=flat)
-        for peer in range(2, self.world_size):
-            flat.add_(slots[peer])
-        self._generation = generation
-        return tensor
+        (result,) = self.reduce([tensor], divide_by)
+        return tensor.copy_(result)
 
-    def _wait_for_peers(self, generation: int) -> None:
+    def reduce(self, tensors: list[torch.Tensor], divide_by: int = 1) -> list[torch.Tensor]:
+        """The group's sums of ``tensor / divide_by`` for each of ``tensors`` (contiguous float32, at
+        most ``capacity`` elements in all), as views of the shared result shaped like the inputs.
+
+        The views hold the result until this rank calls again (a peer may overwrite them once every
+        rank has entered the next call), and peers read them meanwhile: read or copy, never write.
+        """
+        generation = self._generation + 1
+        plan = self._plan(tuple(t.numel() for t in tensors))[generation % 2]
+        for index, elements, target in plan.writes:
+            torch.div(tensors[index].view(-1)[elements], divide_by, out=target)
+        self._flags[self.rank * FLAG_STRIDE] = 2 * generation - 1
+        self._wait_for_peers(2 * generation - 1)
+        for slot in plan.own_from_peers:
+            plan.own_result.add_(slot)
+        self._flags[self.rank * FLAG_STRIDE] = 2 * generation
+        self._wait_for_peers(2 * generation)
+        self._generation = generation
+        return [result.view(t.shape) for t, result in zip(tensors, plan.results, strict=True)]
+
+    def _plan(self, sizes: tuple[int, ...]) -> tuple[_Plan, _Plan]:
+        if sizes not in self._plans:
+            total = sum(sizes)
+            if total > self.capacity:
+                raise ValueError(f"{total} elements exceed the shared-memory capacity of {self.capacity}")
+            bounds = chunk_bounds(total, self.world_size)
+            plans = []
+            for slots, result in zip(self._slots, self._results, strict=True):
+                writes, results, start = [], [], 0
+                for index, size in enumerate(sizes):
+                    results.append(result[start : start + size])
+                    for owner, (lo, hi) in enumerate(bounds):
+                        a, b = max(start, lo), min(start + size, hi)
+                        if a < b:  # own chunk straight into the result, the others into this rank's slot
+                            target = result if owner == self.rank else slots[self.rank]
+                            writes.append((index, slice(a - start, b - start), target[a:b]))
+                    start += size
+                lo, hi = bounds[self.rank]
+                peers = [slots[peer][lo:hi] for peer in range(self.world_size) if peer != self.rank]
+                plans.append(_Plan(writes, result[lo:hi], peers, results))
+            self._plans[sizes] = (plans[0], plans[1])
+        return self._plans[sizes]
+
+    def _wait_for_peers(self, phase: int) -> None:
         flags = self._flags
-        waiting = [peer for peer in self._peers if flags[peer[0] * FLAG_STRIDE] < generation]
+        waiting = [peer for peer in self._peers if flags[peer[0] * FLAG_STRIDE] < phase]
         polls = 0
         started = next_check = 0.0
         while waiting:
@@ -209,7 +286,7 @@ class ShmAllreduce:
                 if now >= next_check:
                     next_check = now + LIVENESS_EVERY_S
                     self._check_peers(waiting, now - started)
-            waiting = [peer for peer in waiting if flags[peer[0] * FLAG_STRIDE] < generation]
+            waiting = [peer for peer in waiting if flags[peer[0] * FLAG_STRIDE] < phase]
 
     def _check_peers(self, waiting: list[tuple[int, int, int | None]], waited_s: float) -> None:
         for rank, pid, start in waiting:
@@ -221,7 +298,7 @@ class ShmAllreduce:
 
     def close(self) -> None:
         """Release the mapping (the file itself was unlinked when every rank had mapped it)."""
-        del self._slots, self._flags
+        del self._slots, self._results, self._flags, self._plans
         # A caller may still hold a view; the mapping then goes with the last reference.
         with contextlib.suppress(BufferError):
             self._map.close()
