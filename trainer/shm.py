@@ -138,7 +138,8 @@ def _attach(path: Path, size: int) -> mmap.mmap:
 class _Plan:
     """One slot set's views for a list of tensors of given sizes, made once (slicing costs time per step)."""
 
-    writes: list[tuple[int, slice, torch.Tensor]]  # (tensor, its elements, where they go)
+    to_peers: list[tuple[int, slice, torch.Tensor]]  # (tensor, its elements, where in this rank's slot)
+    to_own: list[tuple[int, slice, torch.Tensor]]  # (tensor, its elements, where in the own chunk's result)
     own_result: torch.Tensor  # the chunk this rank sums, in the shared result
     own_from_peers: list[torch.Tensor]  # the same chunk in each peer's slot, in rank order
     results: list[torch.Tensor]  # each tensor's span of the shared result
@@ -234,9 +235,12 @@ class ShmAllreduce:
         """
         generation = self._generation + 1
         plan = self._plan(tuple(t.numel() for t in tensors))[generation % 2]
-        for index, elements, target in plan.writes:
+        for index, elements, target in plan.to_peers:
             torch.div(tensors[index].view(-1)[elements], divide_by, out=target)
         self._flags[self.rank * FLAG_STRIDE] = 2 * generation - 1
+        # Only this rank reads its own term before the add: write it while the peers catch up.
+        for index, elements, target in plan.to_own:
+            torch.div(tensors[index].view(-1)[elements], divide_by, out=target)
         self._wait_for_peers(2 * generation - 1)
         for slot in plan.own_from_peers:
             plan.own_result.add_(slot)
@@ -253,18 +257,21 @@ class ShmAllreduce:
             bounds = chunk_bounds(total, self.world_size)
             plans = []
             for slots, result in zip(self._slots, self._results, strict=True):
-                writes, results, start = [], [], 0
+                to_peers, to_own, results, start = [], [], [], 0
                 for index, size in enumerate(sizes):
                     results.append(result[start : start + size])
                     for owner, (lo, hi) in enumerate(bounds):
                         a, b = max(start, lo), min(start + size, hi)
                         if a < b:  # own chunk straight into the result, the others into this rank's slot
-                            target = result if owner == self.rank else slots[self.rank]
-                            writes.append((index, slice(a - start, b - start), target[a:b]))
+                            elements = slice(a - start, b - start)
+                            if owner == self.rank:
+                                to_own.append((index, elements, result[a:b]))
+                            else:
+                                to_peers.append((index, elements, slots[self.rank][a:b]))
                     start += size
                 lo, hi = bounds[self.rank]
                 peers = [slots[peer][lo:hi] for peer in range(self.world_size) if peer != self.rank]
-                plans.append(_Plan(writes, result[lo:hi], peers, results))
+                plans.append(_Plan(to_peers, to_own, result[lo:hi], peers, results))
             self._plans[sizes] = (plans[0], plans[1])
         return self._plans[sizes]
 
