@@ -57,6 +57,11 @@ def first_steps(run_dir: Path) -> list[dict[str, Any]]:
     return [r for path in run_dir.glob("rank*.jsonl") for r in records(path) if r.get("event") == "first_step"]
 
 
+def has_trained(run_dir: Path, rank: int) -> bool:
+    """Whether ``rank`` has finished a step (its log file exists from start-up, before it handles signals)."""
+    return any(r.get("event") == "first_step" for r in records(run_dir / f"rank{rank}.jsonl"))
+
+
 def trained_positions(run_dir: Path) -> dict[int, list[int]]:
     """Epoch -> the training positions of every step that counts, from ``--record-samples`` files.
 

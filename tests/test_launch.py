@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Launched, assert_ok, free_port, read_summary, run_process, wait_until
+from faults import has_trained
 from launching import LAUNCH, STEPS, launch_env, ranks_of, read_sha
 
 SCRIPTS = sorted([*LAUNCH.glob("*.sh"), *LAUNCH.glob("*.sbatch")])
@@ -98,8 +99,8 @@ def start_long_env_launch(tmp_path: Path) -> tuple[Launched, Path]:
     script = Launched(
         [str(LAUNCH / "env_launch.sh"), *args], launch_env(NPROC="2", STOP_GRACE="20"), tmp_path / "out.log"
     )
-    # Both ranks are training once rank 1 has logged a step sample.
-    wait_until(lambda: (run_dir / "rank1.jsonl").exists(), 120, "rank 1 to start training")
+    # Both ranks are training once rank 1 has finished a step.
+    wait_until(lambda: has_trained(run_dir, 1), 120, "rank 1 to start training")
     return script, run_dir
 
 
@@ -254,7 +255,7 @@ def test_slurm_sbatch_requeues_before_the_time_limit(tmp_path: Path, fake_slurm:
     env = dict(fake_slurm, RUN_DIR=str(run_dir))
     job = Launched(["bash", str(LAUNCH / "slurm.sbatch"), *args], env, tmp_path / "job.log")
     try:
-        wait_until(lambda: (run_dir / "rank1.jsonl").exists(), 120, "both nodes to train")
+        wait_until(lambda: has_trained(run_dir, 1), 120, "both nodes to train")
         job.proc.send_signal(signal.SIGUSR1)
         status = job.wait(90)
         out = job.output()
