@@ -3,11 +3,12 @@
 Gloo on loopback pays a few hundred microseconds of socket traffic per call even for small
 messages; two processes on one host can instead write their gradients into a shared mapping
 and add them. Each call is a reduce-scatter into one shared result followed by reading that
-result, so every element is added once, by one rank, and no rank copies what it sums itself:
+result, so every element is added once, by one rank, and nobody copies the sum back out:
 
 1. the vector is cut into ``world_size`` chunks (cache-line aligned); rank ``r`` owns chunk ``r``;
-2. every rank writes ``x / divide_by`` of the chunks it does not own into its slot, and of its
-   own chunk straight into the shared result; then it publishes phase 1;
+2. every rank writes ``x / divide_by`` of the chunks it does not own into its slot and publishes
+   phase 1, then writes its own chunk's term straight into the shared result (no peer reads
+   that before phase 2);
 3. when all ranks have published phase 1, each owner adds the other ranks' slots of its chunk
    into the result, in rank order, and publishes phase 2;
 4. when all have published phase 2, the whole result is the sum on every rank (one shared copy).
@@ -153,7 +154,8 @@ def chunk_bounds(total: int, world_size: int) -> list[tuple[int, int]]:
 
 
 class ShmAllreduce:
-    """In-place sum of float32 tensors of up to ``capacity`` elements over ``group``, all on one host.
+    """Sum of float32 tensors of up to ``capacity`` elements over ``group``, all on one host: ``reduce``
+    hands out views of the shared result, ``allreduce_`` copies it back into the tensor.
 
     Collective to construct: every rank of ``group`` must call it. Raises ``OSError`` (on every
     rank) if any rank could not map the shared file, so callers can fall back together.
