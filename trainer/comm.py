@@ -219,17 +219,17 @@ def wrap_model(
     group = dist.group.WORLD
     numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
     option, why = resolve_comm(comm, model, device, group)
-    result = Comm(option, SyncTimer())
+    reducer = None
     if option == "shm":
         try:
             reducer = shm.ShmAllreduce(group, numel, timeout_s)
         except OSError as exc:  # raised on every rank alike, so all fall back together
             option, why = "gloo", f"{exc}; falling back to the process group's all-reduce"
-            result = Comm(option, SyncTimer())
-        else:
-            result.shm_sync = ShmGradientSync(model, reducer, result.timer)
-            log.log(_level(comm, option), "gradient sync: %s (%s)", option, why)
-            return model, result
+    result = Comm(option, SyncTimer())
+    if reducer is not None:
+        result.shm_sync = ShmGradientSync(model, reducer, result.timer)
+        log.log(_level(comm, option), "gradient sync: %s (%s)", option, why)
+        return model, result
     ddp = DistributedDataParallel(
         model,
         device_ids=[device.index] if device.type == "cuda" else None,
