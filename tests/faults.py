@@ -52,14 +52,14 @@ def metrics_rows(run_dir: Path) -> list[dict[str, str]]:
         return [{k: row[k] for k in EXACT_COLUMNS} for row in csv.DictReader(handle)]
 
 
-def first_steps(run_dir: Path) -> list[dict[str, Any]]:
-    """The ``first_step`` events of every process that trained in ``run_dir``."""
-    return [r for path in run_dir.glob("rank*.jsonl") for r in records(path) if r.get("event") == "first_step"]
+def first_steps(run_dir: Path, ranks: str = "*") -> list[dict[str, Any]]:
+    """The ``first_step`` events of every process that trained in ``run_dir`` (as rank ``ranks``, a glob)."""
+    return [r for path in run_dir.glob(f"rank{ranks}.jsonl") for r in records(path) if r.get("event") == "first_step"]
 
 
 def has_trained(run_dir: Path, rank: int) -> bool:
     """Whether ``rank`` has finished a step (its log file exists from start-up, before it handles signals)."""
-    return any(r.get("event") == "first_step" for r in records(run_dir / f"rank{rank}.jsonl"))
+    return bool(first_steps(run_dir, str(rank)))
 
 
 def trained_positions(run_dir: Path) -> dict[int, list[int]]:

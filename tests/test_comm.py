@@ -39,11 +39,16 @@ def shm_entries() -> set[str]:
     return {p.name for p in shm.SHM_DIR.glob(f"{shm.NAME_PREFIX}*")} if shm.SHM_DIR.is_dir() else set()
 
 
-def run_grads(tmp_path: Path, nproc: int) -> list[dict]:
+def run_worker(mode: str, tmp_path: Path, nproc: int) -> None:
+    """``comm_worker.py MODE`` under torchrun; it must succeed and leave no shared memory behind."""
     before = shm_entries()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    assert_ok(run_process([*cmd, WORKER, "grads", str(tmp_path)], clean_env(), timeout=120))
+    assert_ok(run_process([*cmd, WORKER, mode, str(tmp_path)], clean_env(), timeout=120))
     assert shm_entries() - before == set(), "shared memory left behind"
+
+
+def run_grads(tmp_path: Path, nproc: int) -> list[dict]:
+    run_worker("grads", tmp_path, nproc)
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(nproc)]
 
 
@@ -173,10 +178,7 @@ def test_shm_raises_when_a_peer_stalls_past_the_timeout(tmp_path: Path) -> None:
 
 
 def test_shm_refuses_to_accumulate_into_shared_gradients(tmp_path: Path) -> None:
-    before = shm_entries()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    assert_ok(run_process([*cmd, WORKER, "accumulate", str(tmp_path)], clean_env(), timeout=120))
-    assert shm_entries() - before == set(), "shared memory left behind"
+    run_worker("accumulate", tmp_path, 2)
     for rank in (0, 1):
         error = json.loads((tmp_path / f"rank{rank}.json").read_text())["error"]
         assert error is not None and "zero_grad(set_to_none=True)" in error
