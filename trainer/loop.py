@@ -30,6 +30,7 @@ from trainer.metrics import (
     RankLog,
     ResourceSampler,
     StepTimes,
+    device_clock,
     peak_rss_mb,
     percentile,
     write_metrics_csv,
@@ -112,6 +113,7 @@ class Trainer:
         )
         self.first_step_done = False
         self.run_times = StepTimes()
+        self.clock = device_clock(device)
         log.info(
             "model %s: %d parameters; train %d, validation %d, test %d samples",
             "-".join(str(w) for w in (784, *cfg.hidden, 10)),
@@ -126,14 +128,14 @@ class Trainer:
         started = time.perf_counter()
         positions = positions.to(self.device, non_blocking=True)
         inputs, targets = self.train_x[positions], self.train_y[positions]
-        loaded = time.perf_counter()
+        loaded = self.clock()
         loss = F.cross_entropy(self.ddp(inputs), targets)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # ends with the gradient sync of the --comm option
         self.optimizer.step()
         if self.comm is not None:
             self.comm.after_step(self.model.parameters())
-        finished = time.perf_counter()
+        finished = self.clock()
         sync_ms = self.comm.take_ms() if self.comm is not None else 0.0
         times.add((loaded - started) * 1e3, (finished - loaded) * 1e3 - sync_ms, sync_ms)
         return loss.detach()
@@ -423,8 +425,10 @@ class Trainer:
         cpu_mean = sum(r["cpu_percent_total"] for r in state.history) / max(1, len(state.history))
         *sums, peak_total = reduce_sum([*means, peak], self.device)
         step_ms, data_ms, compute_ms, sync_ms = (value / env.world_size for value in sums)
-        peak_max, p50, p95 = reduce_max(
-            [peak, percentile(times.sync_samples, 50), percentile(times.sync_samples, 95)], self.device
+        on_cuda = self.device.type == "cuda"
+        peak_gpu = torch.cuda.max_memory_allocated(self.device) / 2**20 if on_cuda else 0.0
+        peak_max, p50, p95, peak_gpu_max = reduce_max(
+            [peak, percentile(times.sync_samples, 50), percentile(times.sync_samples, 95), peak_gpu], self.device
         )
         return {
             "world_size": env.world_size,
@@ -448,6 +452,7 @@ class Trainer:
             "cpu_percent_total": cpu_mean,
             "peak_rss_mb": peak_max,
             "peak_rss_mb_total": peak_total,
+            "peak_gpu_mb": peak_gpu_max if on_cuda else None,
             "threads_per_rank": torch.get_num_threads(),
             "backend": dist.get_backend() if dist.is_initialized() else "none",
             "device": str(self.device),

@@ -8,11 +8,14 @@ import json
 import resource
 import sys
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psutil
+import torch
 
 from trainer.fileio import atomic_write_text
 
@@ -65,6 +68,22 @@ def peak_rss_mb() -> float:
     """The kernel's high-water mark of this process's resident memory (exact, not sampled)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def device_clock(device: torch.device) -> Callable[[], float]:
+    """``time.perf_counter``, read once the device has run the work queued on it.
+
+    CUDA kernels run asynchronously, so on CUDA a bare host clock would time their launch, not
+    their run; waiting for the device at each reading keeps the step split honest.
+    """
+    if device.type != "cuda":
+        return time.perf_counter
+
+    def clock() -> float:
+        torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    return clock
 
 
 @dataclass
