@@ -62,9 +62,14 @@ def results_dir(name: str, out: str | None) -> Path:
 
 
 def child_env(**extra: str) -> dict[str, str]:
-    """This environment minus launcher variables, with the repo importable, plus ``extra``."""
+    """This environment minus launcher variables and GPUs, with the repo importable, plus ``extra``.
+
+    The benchmarks measure the CPU path (several processes per host, gloo or shared memory), so
+    the processes they start see no GPU even on a host that has one.
+    """
     env = without_launcher_vars(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["CUDA_VISIBLE_DEVICES"] = ""
     env.update(extra)
     return env
 

@@ -7,6 +7,8 @@ with this rank's local (unsynchronised) gradients.
 rank 0 writes what happened to ``OUT/rank0.json``.
 ``accumulate OUT``: under ``--comm shm``, a second backward pass without clearing the gradients;
 each rank writes the error it got to ``OUT/rank<r>.json``.
+``cuda OUT``: over nccl, one GPU per rank: this rank's local gradients and, for each option that
+runs on CUDA, the synchronised gradients and the sync time read, saved to ``OUT/rank<r>.pt``.
 """
 
 from __future__ import annotations
@@ -110,13 +112,34 @@ def accumulate(out: Path) -> None:
     comm.close()
 
 
+def cuda(out: Path) -> None:
+    rank = dist.get_rank()
+    device = torch.device("cuda", rank)
+    inputs, targets = (t.to(device) for t in batch(rank))
+    local = build_model(TrainConfig()).to(device)
+    F.cross_entropy(local(inputs), targets).backward()
+    results: dict[str, object] = {"local": [p.grad.cpu() for p in local.parameters()]}
+    for option in ("auto", "gloo", "bf16", "fp16"):
+        model = build_model(TrainConfig()).to(device)
+        ddp, comm = wrap_model(model, device, True, option, timeout_s=60)
+        assert comm is not None
+        F.cross_entropy(ddp(inputs), targets).backward()
+        grads = [p.grad.cpu() for p in model.parameters()]
+        results[option] = {"resolved": comm.option, "sync_ms": comm.take_ms(), "grads": grads}
+    torch.save(results, out / f"rank{rank}.pt")
+
+
 def main() -> None:
     mode, out = sys.argv[1], Path(sys.argv[2])
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    if mode == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if mode == "cuda" else "gloo", timeout=timedelta(seconds=60))
     try:
         if mode == "grads":
             grads(out)
+        elif mode == "cuda":
+            cuda(out)
         elif mode == "accumulate":
             accumulate(out)
         else:

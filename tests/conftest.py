@@ -20,15 +20,23 @@ import pytest
 from trainer.distributed import without_launcher_vars
 
 REPO = Path(__file__).resolve().parents[1]
+# The suite tests the CPU path on any host, GPU or not: the processes it starts see no GPU unless
+# a test asks for them (``gpu=True``; tests/test_cuda.py). The host's own setting, restored then:
+HOST_CUDA_VISIBLE_DEVICES = os.environ.get("CUDA_VISIBLE_DEVICES")
 # Small, fast runs: short logs, few steps.
 QUICK = ("--epochs", "1", "--log-every", "20")
 
 
-def clean_env(**extra: str) -> dict[str, str]:
-    """The test process's environment without launcher variables, plus ``extra``."""
+def clean_env(gpu: bool = False, **extra: str) -> dict[str, str]:
+    """The test process's environment without launcher variables, plus ``extra``; GPUs hidden unless ``gpu``."""
     env = without_launcher_vars(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["PYTHONUNBUFFERED"] = "1"
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    if not gpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    elif HOST_CUDA_VISIBLE_DEVICES is not None:
+        env["CUDA_VISIBLE_DEVICES"] = HOST_CUDA_VISIBLE_DEVICES
     env.update(extra)
     return env
 
@@ -47,9 +55,11 @@ def run_process(cmd: Sequence[str], env: dict[str, str], timeout: float = 180) -
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def run_trainer(args: Sequence[str], timeout: float = 180, **env: str) -> subprocess.CompletedProcess[str]:
+def run_trainer(
+    args: Sequence[str], timeout: float = 180, gpu: bool = False, **env: str
+) -> subprocess.CompletedProcess[str]:
     """``python -m trainer ARGS`` as one plain process (no launcher variables)."""
-    return run_process([sys.executable, "-m", "trainer", *args], clean_env(**env), timeout)
+    return run_process([sys.executable, "-m", "trainer", *args], clean_env(gpu, **env), timeout)
 
 
 def torchrun_cmd(nproc: int, args: Sequence[str], launcher_args: Sequence[str] = ()) -> list[str]:
@@ -67,10 +77,15 @@ def torchrun_cmd(nproc: int, args: Sequence[str], launcher_args: Sequence[str] =
 
 
 def run_torchrun(
-    nproc: int, args: Sequence[str], launcher_args: Sequence[str] = (), timeout: float = 180, **env: str
+    nproc: int,
+    args: Sequence[str],
+    launcher_args: Sequence[str] = (),
+    timeout: float = 180,
+    gpu: bool = False,
+    **env: str,
 ) -> subprocess.CompletedProcess[str]:
     """``torchrun --standalone --nproc_per_node=N [launcher_args] -m trainer ARGS``."""
-    return run_process(torchrun_cmd(nproc, args, launcher_args), clean_env(**env), timeout)
+    return run_process(torchrun_cmd(nproc, args, launcher_args), clean_env(gpu, **env), timeout)
 
 
 def free_port() -> int:

@@ -169,10 +169,11 @@ def resolve_device(requested: str, dist_env: DistEnv) -> torch.device:
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise UsageError("--device cuda was asked for but CUDA is not available; use --device cpu or auto")
-        if dist_env.local_rank >= torch.cuda.device_count():
+        gpus = torch.cuda.device_count()
+        if dist_env.local_rank >= gpus:
             raise UsageError(
-                f"LOCAL_RANK={dist_env.local_rank} but only {torch.cuda.device_count()} GPUs are visible; "
-                "start at most one process per GPU"
+                f"LOCAL_RANK={dist_env.local_rank} but only {gpus} GPU{'' if gpus == 1 else 's'} visible; "
+                "start at most one process per GPU (--nproc_per_node), or train on the CPU with --device cpu"
             )
         torch.cuda.set_device(dist_env.local_rank)
         return torch.device("cuda", dist_env.local_rank)
