@@ -34,6 +34,7 @@ from torch.distributed.algorithms.model_averaging.averagers import PeriodicModel
 from torch.nn.parallel import DistributedDataParallel
 
 from trainer import shm
+from trainer.metrics import device_clock
 
 log = logging.getLogger(__name__)
 
@@ -166,9 +167,10 @@ class ShmGradientSync:
 class Comm:
     """The chosen sync option of one DDP model: its timer, and what it must do besides the hook."""
 
-    def __init__(self, option: str, timer: SyncTimer) -> None:
+    def __init__(self, option: str, timer: SyncTimer, clock: Callable[[], float] = time.perf_counter) -> None:
         self.option = option
         self.timer = timer
+        self.clock = clock  # trainer.metrics.device_clock: on CUDA it waits for the averaging to run
         self.shm_sync: ShmGradientSync | None = None
         self.averager: PeriodicModelAverager | None = None
 
@@ -178,9 +180,9 @@ class Comm:
     def after_step(self, params: Iterable[torch.Tensor]) -> None:
         """Call after every optimiser step (local SGD averages the parameters here)."""
         if self.averager is not None:
-            started = time.perf_counter()
+            started = self.clock()
             self.averager.average_parameters(params)
-            self.timer.add_ms((time.perf_counter() - started) * 1e3)
+            self.timer.add_ms((self.clock() - started) * 1e3)
 
     @torch.no_grad()
     def sync_replicas(self, model: nn.Module) -> None:
@@ -246,7 +248,7 @@ def wrap_model(
             reducer = shm.ShmAllreduce(group, numel, timeout_s)
         except OSError as exc:  # raised on every rank alike, so all fall back together
             option, why = "gloo", f"{exc}; falling back to the process group's all-reduce"
-    result = Comm(option, SyncTimer())
+    result = Comm(option, SyncTimer(), device_clock(device))
     if reducer is not None:
         result.shm_sync = ShmGradientSync(model, reducer, result.timer)
         log.log(_level(comm, option), "gradient sync: %s (%s)", option, why)
