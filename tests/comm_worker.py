@@ -119,7 +119,7 @@ def cuda(out: Path) -> None:
     local = build_model(TrainConfig()).to(device)
     F.cross_entropy(local(inputs), targets).backward()
     results: dict[str, object] = {"local": [p.grad.cpu() for p in local.parameters()]}
-    for option in ("auto", "gloo", "bf16", "fp16"):
+    for option in ("auto", "gloo", "bf16", "fp16", "powersgd", "localsgd"):
         model = build_model(TrainConfig()).to(device)
         ddp, comm = wrap_model(model, device, True, option, timeout_s=60)
         assert comm is not None
