@@ -39,11 +39,12 @@ def shm_entries() -> set[str]:
     return {p.name for p in shm.SHM_DIR.glob(f"{shm.NAME_PREFIX}*")} if shm.SHM_DIR.is_dir() else set()
 
 
-def run_worker(mode: str, tmp_path: Path, nproc: int) -> None:
-    """``comm_worker.py MODE`` under torchrun; it must succeed and leave no shared memory behind."""
+def run_worker(mode: str, tmp_path: Path, nproc: int, gpu: bool = False) -> None:
+    """``comm_worker.py MODE`` under torchrun (GPUs visible if ``gpu``); it must succeed and leave no
+    shared memory behind."""
     before = shm_entries()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    assert_ok(run_process([*cmd, WORKER, mode, str(tmp_path)], clean_env(), timeout=120))
+    assert_ok(run_process([*cmd, WORKER, mode, str(tmp_path)], clean_env(gpu), timeout=120))
     assert shm_entries() - before == set(), "shared memory left behind"
 
 

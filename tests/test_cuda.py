@@ -14,17 +14,16 @@ from typing import Any
 import pytest
 import torch
 from conftest import (
-    REPO,
     Launched,
     assert_ok,
     clean_env,
     read_summary,
-    run_process,
     run_torchrun,
     run_trainer,
     wait_until,
 )
 from faults import latest_step, metrics_rows
+from test_comm import run_worker
 from test_inputs import assert_one_line_error
 
 GPUS = torch.cuda.device_count()
@@ -78,8 +77,7 @@ def test_torchrun_with_one_process_trains_the_same_model_on_the_gpu(tmp_path: Pa
 def test_nccl_sync_is_exact_and_timed_on_the_gpu(tmp_path: Path) -> None:
     """Every rank on its own GPU, one process group over nccl, DDP with each option that runs on CUDA."""
     nproc = min(GPUS, 2)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    assert_ok(run_process([*cmd, str(REPO / "tests" / "comm_worker.py"), "cuda", str(tmp_path)], clean_env(gpu=True)))
+    run_worker("cuda", tmp_path, nproc, gpu=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(nproc)]
     # The exact average of the ranks' gradients, pre-divided then summed as nccl does at world size <= 2.
     exact = [sum(g / nproc for g in grads) for grads in zip(*(r["local"] for r in ranks), strict=True)]
