@@ -12,6 +12,12 @@ end-of-backward sync), plus gloo in one DDP bucket, and reports the sync time th
 measures per step and the whole step time. Each figure: warm-up calls, then the median and 95th
 percentile of timed calls on rank 0, with the methods interleaved round by round.
 
+Part 3 (world size 2) measures the floor under any shared-memory exchange on this host: rank 0
+writing, or reading, a shared buffer of the gradient's size, when the lines were last touched by
+itself and when they were last touched by rank 1 (on another core). The shared-memory all-reduce
+moves every gradient across cores once each way per step, so these figures bound what it can
+reach.
+
 This file is both the driver (no RANK in the environment: launches torchrun per world size)
 and the worker (under torchrun).
 """
@@ -21,6 +27,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import mmap
 import os
 import statistics
 import time
@@ -109,6 +116,58 @@ def allreduce_methods(numel: int) -> dict[str, Callable[[], float]]:
     }
 
 
+def _shared_buffers(count: int, numel: int) -> tuple[mmap.mmap, list[torch.Tensor]]:
+    """``count`` float32 buffers of ``numel`` elements that both ranks map (the file is gone once mapped)."""
+    from trainer import shm
+
+    size = count * numel * 4
+    name = [shm.create_shared_file(size).name if dist.get_rank() == 0 else ""]
+    dist.broadcast_object_list(name, src=0)
+    mapping = shm.map_shared_file(shm.SHM_DIR / name[0], size)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        (shm.SHM_DIR / name[0]).unlink()
+    return mapping, list(torch.frombuffer(mapping, dtype=torch.float32).view(count, numel))
+
+
+def cross_core_methods(numel: int) -> dict[str, Callable[[], float]]:
+    """Rank 0's ms for one pass from private memory into a shared buffer (``torch.div``, as the
+    all-reduce writes a gradient) or back (``torch.add``), by which core touched the shared lines
+    last; rank 1 does its part of each case and reports 0."""
+    _mapping, (own, peer_read, peer_written) = _shared_buffers(3, numel)
+    source, scratch = torch.randn(numel), torch.empty(numel)
+    rank = dist.get_rank()
+
+    def rank0_times(body: Callable[[], object]) -> float:
+        if rank != 0:
+            return 0.0
+        started = time.perf_counter()
+        body()
+        return (time.perf_counter() - started) * 1e3
+
+    def write_own() -> float:
+        dist.barrier()
+        return rank0_times(lambda: torch.div(source, 2, out=own))
+
+    def write_after_peer_read() -> float:
+        if rank == 1:
+            torch.add(peer_read, 1, out=scratch)
+        dist.barrier()
+        return rank0_times(lambda: torch.div(source, 2, out=peer_read))
+
+    def read_after_peer_write() -> float:
+        if rank == 1:
+            torch.div(source, 2, out=peer_written)
+        dist.barrier()
+        return rank0_times(lambda: torch.add(peer_written, 1, out=scratch))
+
+    return {
+        "private -> shared, lines this core wrote last": write_own,
+        "private -> shared, lines the other core read last": write_after_peer_read,
+        "shared -> private, lines the other core wrote last": read_after_peer_write,
+    }
+
+
 def ddp_methods() -> tuple[dict[str, Callable[[], float]], dict[str, list[float]]]:
     """One forward+backward per call under each option: each call returns the hook-measured sync ms,
     and appends the whole call's ms to the second dict."""
@@ -149,8 +208,14 @@ def worker(out: Path, calls: int, rounds: int) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    sizes, steps = [], []
+    sizes, steps, lines = [], [], []
     try:
+        if world == 2:
+            numel = SIZES_BYTES[3] // 4
+            samples = interleave(cross_core_methods(numel), calls, rounds)
+            for case, ms in samples.items():
+                row = {"case": case, "bytes": numel * 4, **stats(ms)}
+                lines.append({**row, "gb_per_s": row["bytes"] / max(row["median_ms"], 1e-9) / 1e6})
         for size in SIZES_BYTES:
             samples = interleave(allreduce_methods(size // 4), calls, rounds)
             sizes += [{"world_size": world, "bytes": size, "method": m, **stats(ms)} for m, ms in samples.items()]
@@ -164,7 +229,7 @@ def worker(out: Path, calls: int, rounds: int) -> None:
     finally:
         dist.destroy_process_group()
     if rank == 0:
-        (out / f"worker-{world}.json").write_text(json.dumps({"sizes": sizes, "ddp": steps}))
+        (out / f"worker-{world}.json").write_text(json.dumps({"sizes": sizes, "ddp": steps, "lines": lines}))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -177,6 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     write_json(out / "machine.json", info)
     sizes: list[dict[str, Any]] = []
     ddp: list[dict[str, Any]] = []
+    lines: list[dict[str, Any]] = []
     for world in (int(w) for w in args.world_sizes.split(",")):
         cmd = torchrun(
             world, "benchmarks.sync", ["--calls", str(args.calls), "--rounds", str(args.rounds), "--out", str(out)]
@@ -185,8 +251,10 @@ def main(argv: list[str] | None = None) -> None:
         result = json.loads((out / f"worker-{world}.json").read_text())
         sizes += result["sizes"]
         ddp += result["ddp"]
+        lines += result["lines"]
     write_csv(out / "sync-sizes.csv", sizes)
     write_csv(out / "sync-ddp.csv", ddp)
+    write_csv(out / "sync-cross-core.csv", lines)
     for row in sizes:
         row["size"] = f"{row['bytes'] / 2**10:,.0f} KiB"
     text = (
@@ -217,6 +285,13 @@ def main(argv: list[str] | None = None) -> None:
         )
         + "\n"
     )
+    if lines:
+        text += (
+            f"\nThe floor under a shared-memory exchange: one pass of {lines[0]['bytes']:,} bytes between private "
+            "and shared memory on rank 0, by which core touched the shared lines last.\n\n"
+            + markdown_table(lines, (("case", "case"), ("median_ms", "ms"), ("p95_ms", "p95 ms"), ("gb_per_s", "GB/s")))
+            + "\n"
+        )
     publish(out, "sync", text)
 
 

@@ -55,7 +55,9 @@ def test_sync_quick(tmp_path: Path) -> None:
     assert {r["method"] for r in sizes} == {"gloo", "shm", "gloo fp16", "gloo bf16"}
     ddp = read_csv(tmp_path / "sync-ddp.csv")
     assert {"gloo", "shm", "bf16", "fp16", "powersgd", "localsgd"} <= {r["comm"] for r in ddp}
-    assert (tmp_path / "sync.md").exists()
+    lines = read_csv(tmp_path / "sync-cross-core.csv")
+    assert len(lines) == 3 and all(float(r["median_ms"]) > 0 for r in lines)
+    assert "floor under a shared-memory exchange" in (tmp_path / "sync.md").read_text()
 
 
 def test_overhead_quick(tmp_path: Path) -> None:

@@ -112,7 +112,7 @@ def unsupported_reason(
     return None
 
 
-def _create(size: int) -> Path:
+def create_shared_file(size: int) -> Path:
     """A new, uniquely named file of ``size`` bytes in ``SHM_DIR``, its memory reserved up front."""
     path = SHM_DIR / f"{NAME_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
@@ -127,7 +127,8 @@ def _create(size: int) -> Path:
     return path
 
 
-def _attach(path: Path, size: int) -> mmap.mmap:
+def map_shared_file(path: Path, size: int) -> mmap.mmap:
+    """``path`` mapped read-write and shared (the descriptor is closed; the mapping keeps the file)."""
     fd = os.open(path, os.O_RDWR)
     try:
         return mmap.mmap(fd, size)
@@ -183,7 +184,7 @@ class ShmAllreduce:
         try:
             if self.rank == 0:
                 try:
-                    path = _create(size)
+                    path = create_shared_file(size)
                     name[0] = path.name
                 except OSError as exc:
                     error = f"rank 0 could not create it: {exc}"
@@ -192,7 +193,7 @@ class ShmAllreduce:
             dist.broadcast_object_list(name, src=dist.get_global_rank(group, 0), group=group)
             if name[0]:
                 try:
-                    self._map = _attach(SHM_DIR / name[0], size)
+                    self._map = map_shared_file(SHM_DIR / name[0], size)
                 except OSError as exc:
                     error = f"rank {self.rank}: {exc}"
             errors: list[str] = [""] * self.world_size
