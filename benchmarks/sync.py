@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import mmap
 import os
 import statistics
 import time
@@ -116,8 +115,9 @@ def allreduce_methods(numel: int) -> dict[str, Callable[[], float]]:
     }
 
 
-def _shared_buffers(count: int, numel: int) -> tuple[mmap.mmap, list[torch.Tensor]]:
-    """``count`` float32 buffers of ``numel`` elements that both ranks map (the file is gone once mapped)."""
+def _shared_buffers(count: int, numel: int) -> list[torch.Tensor]:
+    """``count`` float32 buffers of ``numel`` elements that both ranks map (the file is gone once mapped;
+    the tensors keep the mapping alive)."""
     from trainer import shm
 
     size = count * numel * 4
@@ -127,14 +127,14 @@ def _shared_buffers(count: int, numel: int) -> tuple[mmap.mmap, list[torch.Tenso
     dist.barrier()
     if dist.get_rank() == 0:
         (shm.SHM_DIR / name[0]).unlink()
-    return mapping, list(torch.frombuffer(mapping, dtype=torch.float32).view(count, numel))
+    return list(torch.frombuffer(mapping, dtype=torch.float32).view(count, numel))
 
 
 def cross_core_methods(numel: int) -> dict[str, Callable[[], float]]:
     """Rank 0's ms for one pass from private memory into a shared buffer (``torch.div``, as the
     all-reduce writes a gradient) or back (``torch.add``), by which core touched the shared lines
     last; rank 1 does its part of each case and reports 0."""
-    _mapping, (own, peer_read, peer_written) = _shared_buffers(3, numel)
+    own, peer_read, peer_written = _shared_buffers(3, numel)
     source, scratch = torch.randn(numel), torch.empty(numel)
     rank = dist.get_rank()
 
