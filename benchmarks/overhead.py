@@ -35,7 +35,7 @@ from benchmarks.common import (
     write_json,
 )
 from trainer.config import TrainConfig
-from trainer.data import load_mnist
+from trainer.data import load_mnist, prepare_splits
 from trainer.distributed import DistEnv, configure_threads
 from trainer.loop import Trainer
 from trainer.metrics import StepTimes
@@ -66,11 +66,13 @@ def main(argv: list[str] | None = None) -> None:
     write_json(out / "machine.json", info)
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = TrainConfig(run_dir=run_dir, log_every=100)
-        trainer = Trainer(cfg, DistEnv(), torch.device("cpu"), load_mnist(None))
-        plan = EpochPlan(epoch_permutation(len(trainer.train_x), cfg.seed, 0), 0, cfg.batch_size, 1, 0)
+        cpu = torch.device("cpu")
+        data = prepare_splits(load_mnist(None), cfg.val_fraction, cfg.seed, cpu)
+        trainer = Trainer(cfg, DistEnv(), cpu, data)
+        plan = EpochPlan(epoch_permutation(len(data.train_x), cfg.seed, 0), 0, cfg.batch_size, 1, 0)
         positions = list(plan.batches())[: args.steps]
         steps = len(positions)
-        batches = [(trainer.train_x[p], trainer.train_y[p]) for p in positions]
+        batches = [(data.train_x[p], data.train_y[p]) for p in positions]
         model, optimizer = trainer.model, trainer.optimizer
 
         def floor() -> None:
@@ -86,11 +88,11 @@ def main(argv: list[str] | None = None) -> None:
                 trainer.train_step(p, times)
 
         def run_epoch() -> None:
-            trainer.state.consumed = len(trainer.train_x) - steps * cfg.batch_size  # exactly `steps` left
+            trainer.state.consumed = len(data.train_x) - steps * cfg.batch_size  # exactly `steps` left
             trainer.run_epoch()
 
         loops = {"floor": floor, "train_step": train_step, "run_epoch": run_epoch}
-        trainer.sampler.start()
+        trainer.progress.start(None)
         try:
             floor()  # warm-up: allocator, caches, momentum buffers
             samples: dict[str, list[float]] = {name: [] for name in loops}
@@ -103,8 +105,8 @@ def main(argv: list[str] | None = None) -> None:
                     samples[name].append(ms)
                     raw.append({"round": round_index, "loop": name, "ms_per_step": ms})
         finally:
-            trainer.sampler.stop()
-            trainer.rank_log.close()
+            trainer.progress.stop()
+            trainer.progress.rank_log.close()
     base = median_spread(samples["floor"])[0]
     rows = []
     for name, values in samples.items():

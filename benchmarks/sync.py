@@ -116,17 +116,11 @@ def allreduce_methods(numel: int) -> dict[str, Callable[[], float]]:
 
 
 def _shared_buffers(count: int, numel: int) -> list[torch.Tensor]:
-    """``count`` float32 buffers of ``numel`` elements that both ranks map (the file is gone once mapped;
-    the tensors keep the mapping alive)."""
+    """``count`` float32 buffers of ``numel`` elements that both ranks map, set up as the trainer's
+    are (the tensors keep the mapping alive)."""
     from trainer import shm
 
-    size = count * numel * 4
-    name = [shm.create_shared_file(size).name if dist.get_rank() == 0 else ""]
-    dist.broadcast_object_list(name, src=0)
-    mapping = shm.map_shared_file(shm.SHM_DIR / name[0], size)
-    dist.barrier()
-    if dist.get_rank() == 0:
-        (shm.SHM_DIR / name[0]).unlink()
+    mapping, _ = shm.open_shared_mapping(dist.group.WORLD, count * numel * 4)
     return list(torch.frombuffer(mapping, dtype=torch.float32).view(count, numel))
 
 

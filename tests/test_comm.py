@@ -193,6 +193,22 @@ def test_chunks_cover_the_vector_on_cache_line_boundaries() -> None:
         assert all(lo % shm.CHUNK_ALIGN == 0 or lo == total for lo, _ in bounds)
 
 
+def test_spans_cut_every_tensor_at_the_owners_chunks() -> None:
+    """Each element of each tensor lies in exactly one span, inside the chunk of the span's owner."""
+    for sizes, world in [((200_704, 256, 131_072, 128, 2_560, 10), 2), ((7, 1, 40), 3), ((5,), 4), ((16, 16, 16), 4)]:
+        bounds = shm.chunk_bounds(sum(sizes), world)
+        spans = shm.plan_spans(sizes, bounds)
+        covered = [[0] * size for size in sizes]
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        for span in spans:
+            lo, hi = bounds[span.owner]
+            assert span.offset == starts[span.index] + span.begin
+            assert lo <= span.offset and span.offset + span.end - span.begin <= hi
+            for element in range(span.begin, span.end):
+                covered[span.index][element] += 1
+        assert all(count == 1 for tensor in covered for count in tensor)
+
+
 def test_unsupported_reasons() -> None:
     cpu = torch.device("cpu")
     assert "float32" in (shm.unsupported_reason(cpu, ["a"], machine="x86_64", dtypes={torch.float64}) or "")

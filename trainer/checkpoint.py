@@ -119,13 +119,11 @@ def set_aside_newer(directory: Path, step: int) -> list[str]:
     return moved
 
 
-def remove_all(directory: Path) -> int:
+def remove_all(directory: Path) -> None:
     """Delete this package's checkpoint files in ``directory`` (``--overwrite``); nothing else there."""
-    paths = list_checkpoints(directory)
-    for path in paths:
+    for path in list_checkpoints(directory):
         path.with_suffix(".json").unlink(missing_ok=True)
         path.unlink(missing_ok=True)
-    return len(paths)
 
 
 def check_writable(directory: Path) -> str | None:

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from trainer.checkpoint import check_writable, choose_checkpoint, compatibility, set_aside_newer
+from trainer.collectives import agree_on_step, agree_to_start, any_rank, barrier
 from trainer.config import TrainConfig, parse_config
-from trainer.data import download_mnist, load_mnist
+from trainer.data import download_mnist, load_mnist, prepare_splits
 from trainer.distributed import (
     DistEnv,
-    barrier,
     configure_threads,
     destroy_process_group,
     init_process_group,
@@ -32,34 +32,6 @@ from trainer.rundir import check_run_dir, finished_run, prepare_run_dir, starts_
 from trainer.signals import StopRequested
 
 log = logging.getLogger("trainer")
-
-
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank if it is true on any rank (so all ranks take the same branch)."""
-    if not dist.is_initialized():
-        return flag
-    tensor = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item())
-
-
-def agree_to_start(reason: str | None, device: torch.device) -> None:
-    """Every rank stops if any rank found a reason to; no rank is left waiting in a collective."""
-    if any_rank(reason is not None, device):
-        raise UsageError(reason or "another rank refused to start; see rank 0's error")
-
-
-def agree_on_step(step: int, device: torch.device) -> None:
-    """Every rank must resume from the same step (else the checkpoint directory is not shared)."""
-    if not dist.is_initialized():
-        return
-    bounds = torch.tensor([float(step), -float(step)], dtype=torch.float64, device=device)
-    dist.all_reduce(bounds, op=dist.ReduceOp.MAX)
-    if bounds[0].item() != -bounds[1].item():
-        raise UsageError(
-            "the ranks found different checkpoints to resume from; --checkpoint-dir must be one directory that "
-            "every node can read (shared storage)"
-        )
 
 
 def pick_checkpoint(cfg: TrainConfig, device: torch.device) -> tuple[Path, dict] | None:
@@ -93,7 +65,7 @@ def log_resume(path: Path, payload: dict, trainer: Trainer) -> None:
         state.epoch + 1,
         cfg.epochs,
         state.consumed,
-        len(trainer.train_x),
+        len(trainer.data.train_x),
         payload["world_size"],
         trainer.dist_env.world_size,
         payload["batch_size"],
@@ -125,7 +97,7 @@ def run(cfg: TrainConfig, dist_env: DistEnv, device: torch.device) -> dict | Non
     # (This collective also keeps every rank out of the run directory until rank 0 has prepared it.)
     agree_to_start(check_writable(cfg.checkpoint_root) if dist_env.is_main else None, device)
     chosen = pick_checkpoint(cfg, device)
-    trainer = Trainer(cfg, dist_env, device, data)
+    trainer = Trainer(cfg, dist_env, device, prepare_splits(data, cfg.val_fraction, cfg.seed, device))
     if chosen is not None:
         trainer.load_state_dict(chosen[1])
         log_resume(chosen[0], chosen[1], trainer)
@@ -138,9 +110,22 @@ def run(cfg: TrainConfig, dist_env: DistEnv, device: torch.device) -> dict | Non
     return trainer.train()
 
 
+# Commands besides training (``trainer NAME ARGS``): each module's ``main(argv)`` runs it.
+COMMANDS: dict[str, str] = {}
+
+
 @record
 def main(argv: Sequence[str] | None = None) -> None:
-    """``trainer`` / ``python -m trainer``; bad input exits 2 with a one-line message."""
+    """``trainer [COMMAND] ...`` / ``python -m trainer``; bad input exits 2 with a one-line message."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in COMMANDS:
+        importlib.import_module(COMMANDS[args[0]]).main(args[1:])
+        return
+    train_main(args)
+
+
+def train_main(argv: Sequence[str]) -> None:
+    """Train: the default command."""
     try:
         cfg = parse_config(argv)
         dist_env = read_dist_env()

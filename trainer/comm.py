@@ -9,8 +9,8 @@ Options (``--comm``):
 
 - ``gloo``: the process group's own all-reduce (gloo on CPU, nccl on CUDA): pre-divide, sum.
 - ``shm``: the same arithmetic through shared memory between the ranks of one host
-  (``trainer.shm``); exact, several times faster than gloo on loopback. It does DDP's job
-  itself, without DDP (see ``ShmGradientSync``).
+  (``trainer.shm``); exact, and faster than gloo on loopback (docs/performance.md). It does
+  DDP's job itself, without DDP (see ``ShmGradientSync``).
 - ``auto`` (default): ``shm`` where it can run, else ``gloo``; the log says which and why.
 - ``bf16`` / ``fp16``: gradients cast to 16 bits for the all-reduce (half the bytes; lossy).
 - ``powersgd``: rank-``POWERSGD_RANK`` PowerSGD with error feedback after ``POWERSGD_START_ITER``
@@ -34,11 +34,11 @@ from torch.distributed.algorithms.model_averaging.averagers import PeriodicModel
 from torch.nn.parallel import DistributedDataParallel
 
 from trainer import shm
+from trainer.config import COMM_OPTIONS
 from trainer.metrics import device_clock
 
 log = logging.getLogger(__name__)
 
-COMM_OPTIONS = ("auto", "gloo", "shm", "bf16", "fp16", "powersgd", "localsgd")
 POWERSGD_RANK = 4
 POWERSGD_START_ITER = 100
 LOCALSGD_START_ITER = 100
@@ -114,10 +114,10 @@ def _allreduce_hook(group: dist.ProcessGroup, bucket: dist.GradBucket) -> torch.
 class ShmGradientSync:
     """Averages a model's gradients through shared memory at the end of every backward pass.
 
-    What DDP does for the other options, done without DDP: at world size 2 on two cores, DDP's
-    per-step bookkeeping and the copy of the result back into its buckets cost about as much as
-    the shared-memory all-reduce itself. Here each parameter's ``.grad`` becomes a view of the
-    shared result (``ShmAllreduce.reduce``), which the optimiser reads in place. The price: the
+    What DDP does for the other options, done without DDP, whose per-step bookkeeping and copy of
+    the result back into its buckets are a large share of so small a step (see docs/performance.md).
+    Here each parameter's ``.grad`` becomes a view of the shared result (``ShmAllreduce.allreduce``),
+    which the optimiser reads in place. The price: the
     gradients must be cleared with ``zero_grad(set_to_none=True)`` (torch's default) before the
     next backward pass, because peers may still read them; accumulating into them is refused.
     """
@@ -150,7 +150,7 @@ class ShmGradientSync:
                 )
             else:
                 grads.append(p.grad.contiguous())
-        averaged = self.reducer.reduce(grads, divide_by=self.reducer.world_size)
+        averaged = self.reducer.allreduce(grads, divide_by=self.reducer.world_size)
         for p, grad in zip(self.params, averaged, strict=True):
             p.grad = grad
         self.timer.add_ms((time.perf_counter() - started) * 1e3)
@@ -165,7 +165,11 @@ class ShmGradientSync:
 
 
 class Comm:
-    """The chosen sync option of one DDP model: its timer, and what it must do besides the hook."""
+    """The sync option chosen for a model: its timer, and what it does besides syncing gradients.
+
+    Under ``shm`` it owns the shared-memory sync (``shm_sync``); under the DDP options the sync
+    runs as DDP's communication hook, and local SGD also averages parameters (``averager``).
+    """
 
     def __init__(self, option: str, timer: SyncTimer, clock: Callable[[], float] = time.perf_counter) -> None:
         self.option = option

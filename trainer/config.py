@@ -18,6 +18,9 @@ from typing import Any
 
 from trainer.errors import UsageError
 
+# Gradient sync options (trainer/comm.py says what each does).
+COMM_OPTIONS = ("auto", "gloo", "shm", "bf16", "fp16", "powersgd", "localsgd")
+
 
 def _opt(default: Any, help: str, choices: Sequence[str] | None = None) -> Any:
     return field(default=default, metadata={"help": help, "choices": choices})
@@ -55,7 +58,7 @@ class TrainConfig:
         "auto",
         "Gradient sync: auto = shm where all ranks share a host, else gloo (both exact); bf16/fp16/powersgd/"
         "localsgd send less but change the arithmetic (see trainer/comm.py).",
-        ("auto", "gloo", "shm", "bf16", "fp16", "powersgd", "localsgd"),
+        COMM_OPTIONS,
     )
     device: str = _opt("auto", "Device; auto picks CUDA when available.", ("auto", "cpu", "cuda"))
     timeout: float = _opt(120.0, "Seconds a collective may wait for a peer before the run fails instead of hanging.")

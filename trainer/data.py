@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from trainer.errors import UsageError
+from trainer.sampling import split_indices
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,34 @@ def _verify_bundled(directory: Path) -> None:
 def normalize(pixels: torch.Tensor) -> torch.Tensor:
     """uint8 pixels -> float32 inputs, roughly zero-mean and unit-variance."""
     return pixels.to(torch.float32).div_(255.0).sub_(MEAN).div_(STD)
+
+
+@dataclass(frozen=True)
+class RunData:
+    """The run's three splits as model inputs (normalised float32) and labels, on the training device.
+
+    Decoded once: a step only gathers rows, with no per-sample Python work.
+    """
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+
+def prepare_splits(data: MnistArrays, val_fraction: float, seed: int, device: torch.device) -> RunData:
+    """Split the training images into train and validation (fixed by ``seed``), normalise, move to ``device``."""
+    train_idx, val_idx = split_indices(len(data.train_x), val_fraction, seed)
+    return RunData(
+        train_x=normalize(data.train_x[train_idx]).to(device),
+        train_y=data.train_y[train_idx].to(device),
+        val_x=normalize(data.train_x[val_idx]).to(device),
+        val_y=data.train_y[val_idx].to(device),
+        test_x=normalize(data.test_x).to(device),
+        test_y=data.test_y.to(device),
+    )
 
 
 def load_mnist(data_dir: str | None) -> MnistArrays:

@@ -36,12 +36,10 @@ class ResourceSampler:
         self._cpu_samples: list[float] = []
         self.last_cpu_percent = 0.0
         self.last_rss_mb = self._process.memory_info().rss / 2**20
-        self.peak_sampled_rss_mb = self.last_rss_mb
 
-    def start(self) -> ResourceSampler:
+    def start(self) -> None:
         self._process.cpu_percent(None)  # primes the counter; the first real sample follows
         self._thread.start()
-        return self
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval_s):
@@ -50,7 +48,6 @@ class ResourceSampler:
             with self._lock:
                 self._cpu_samples.append(cpu)
                 self.last_cpu_percent, self.last_rss_mb = cpu, rss
-                self.peak_sampled_rss_mb = max(self.peak_sampled_rss_mb, rss)
 
     def take_mean_cpu(self) -> float:
         """Mean CPU % of the samples since the previous call (0 when none were taken)."""
@@ -107,6 +104,15 @@ class StepTimes:
 
     def mean(self, name: str) -> float:
         return getattr(self, name) / self.steps if self.steps else 0.0
+
+    def merge(self, other: StepTimes) -> None:
+        """Add another window's steps to these."""
+        self.steps += other.steps
+        self.data_ms += other.data_ms
+        self.compute_ms += other.compute_ms
+        self.sync_ms += other.sync_ms
+        self.step_ms += other.step_ms
+        self.sync_samples.extend(other.sync_samples)
 
 
 class RankLog:

@@ -25,8 +25,8 @@ def build_model(cfg: TrainConfig) -> nn.Sequential:
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    # Fused: one pass over all parameters per step instead of a few small ops per parameter, which
-    # on CPU cost about a third of this model's step (0.74 vs 1.15 ms at two threads, world size 1).
+    # Fused: one pass over all parameters per step instead of a few small ops per parameter, a
+    # large share of so small a model's step on CPU (measured in docs/performance.md).
     if cfg.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
     return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, fused=True)

@@ -1,9 +1,9 @@
 """Exact all-reduce of float32 gradients between the processes of one host, through shared memory.
 
-Gloo on loopback pays a few hundred microseconds of socket traffic per call even for small
-messages; two processes on one host can instead write their gradients into a shared mapping
-and add them. Each call is a reduce-scatter into one shared result followed by reading that
-result, so every element is added once, by one rank, and nobody copies the sum back out:
+Gloo on loopback pays for socket traffic on every call, however small the message; two
+processes on one host can instead write their gradients into a shared mapping and add them.
+Each call is a reduce-scatter into one shared result followed by reading that result, so every
+element is added once, by one rank, and nobody copies the sum back out:
 
 1. the vector is cut into ``world_size`` chunks (cache-line aligned); rank ``r`` owns chunk ``r``;
 2. every rank writes ``x / divide_by`` of the chunks it does not own into its slot and publishes
@@ -27,10 +27,13 @@ the previous result: a set is rewritten two calls later, after every rank has en
 in between, and a rank is done with a result when it calls again.
 
 Hazards handled here: x86-64 keeps stores in program order (TSO), which the flag-after-data
-publication relies on, so other architectures fall back to gloo; a waiting rank yields the CPU
-while it polls, and checks that its peers are alive, so a dead peer raises an error instead of
-hanging, and a stuck one raises after the timeout; the shared file is unlinked as soon as every
-rank has mapped it, so a crash later leaves nothing in ``/dev/shm``.
+publication relies on, so other architectures fall back to gloo. A waiting rank polls its peers'
+flags: it spins for ``SPIN_BEFORE_YIELD`` polls, then yields the CPU before every poll (at once
+when there are more ranks than CPUs), and once it has waited ``SLEEP_AFTER_S`` it also sleeps
+``SLEEP_S`` every ``SPIN_BEFORE_YIELD`` polls. Every ``LIVENESS_EVERY_S`` it checks that the peers
+it waits for are alive, so a dead peer raises an error instead of hanging, and a stuck one raises
+after the timeout. The shared file is unlinked as soon as every rank has mapped it, so a crash
+later leaves nothing in ``/dev/shm``.
 """
 
 from __future__ import annotations
@@ -104,7 +107,7 @@ def unsupported_reason(
     if dtypes and dtypes != {torch.float32}:
         return f"it sums float32 only, and the parameters are {', '.join(sorted(map(str, dtypes)))}"
     if machine not in X86_64:
-        return f"{machine} may reorder stores; the flag protocol is only proven on x86-64"
+        return f"{machine} may reorder stores; the flag protocol relies on x86-64's store order"
     if not SHM_DIR.is_dir():
         return f"{SHM_DIR} does not exist"
     if len(set(host_keys)) != 1:
@@ -136,6 +139,71 @@ def map_shared_file(path: Path, size: int) -> mmap.mmap:
         os.close(fd)
 
 
+def open_shared_mapping(group: dist.ProcessGroup, size: int) -> tuple[mmap.mmap, Path]:
+    """One shared file of ``size`` bytes, mapped by every rank of ``group``; collective.
+
+    Rank 0 creates the file and broadcasts its name; every rank maps it; the file is unlinked
+    once all have (the mappings keep the memory), so a crash later leaves nothing in ``SHM_DIR``.
+    Returns the mapping and the file's (already unlinked) path. Raises ``OSError`` on every rank
+    if any rank failed, so callers can fall back together.
+    """
+    rank, world_size = dist.get_rank(group), dist.get_world_size(group)
+    name = [""]
+    path: Path | None = None
+    mapping: mmap.mmap | None = None
+    error = ""
+    try:
+        if rank == 0:
+            try:
+                path = create_shared_file(size)
+                name[0] = path.name
+            except OSError as exc:
+                error = f"rank 0 could not create it: {exc}"
+        # Every rank reaches this broadcast and the gather below, failure or not, so no rank is
+        # left waiting in a collective and all of them fall back together.
+        dist.broadcast_object_list(name, src=dist.get_global_rank(group, 0), group=group)
+        if name[0]:
+            try:
+                mapping = map_shared_file(SHM_DIR / name[0], size)
+            except OSError as exc:
+                error = f"rank {rank}: {exc}"
+        errors: list[str] = [""] * world_size
+        # Doubles as the barrier after which nobody needs the name any more.
+        dist.all_gather_object(errors, error, group=group)
+    finally:
+        if path is not None:
+            path.unlink(missing_ok=True)
+    failures = [e for e in errors if e]
+    if failures or mapping is None:
+        if mapping is not None:
+            mapping.close()
+        raise OSError(f"shared memory could not be mapped: {'; '.join(failures)}")
+    return mapping, SHM_DIR / name[0]
+
+
+@dataclass(frozen=True)
+class Span:
+    """Elements ``[begin, end)`` of input tensor ``index``, at ``offset`` in the flat vector; summed by ``owner``."""
+
+    index: int
+    begin: int
+    end: int
+    offset: int
+    owner: int
+
+
+def plan_spans(sizes: tuple[int, ...], bounds: list[tuple[int, int]]) -> list[Span]:
+    """Cut tensors of ``sizes``, laid end to end, at the owners' chunk ``bounds``: each element in one span."""
+    spans, start = [], 0
+    for index, size in enumerate(sizes):
+        for owner, (lo, hi) in enumerate(bounds):
+            a, b = max(start, lo), min(start + size, hi)
+            if a < b:
+                spans.append(Span(index, a - start, b - start, a, owner))
+        start += size
+    return spans
+
+
 @dataclass(frozen=True)
 class _Plan:
     """One slot set's views for a list of tensors of given sizes, made once (slicing costs time per step)."""
@@ -155,7 +223,7 @@ def chunk_bounds(total: int, world_size: int) -> list[tuple[int, int]]:
 
 
 class ShmAllreduce:
-    """Sum of float32 tensors of up to ``capacity`` elements over ``group``, all on one host: ``reduce``
+    """Sum of float32 tensors of up to ``capacity`` elements over ``group``, all on one host: ``allreduce``
     hands out views of the shared result, ``allreduce_`` copies it back into the tensor.
 
     Collective to construct: every rank of ``group`` must call it. Raises ``OSError`` (on every
@@ -167,46 +235,16 @@ class ShmAllreduce:
         self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
         self.capacity, self.timeout_s = capacity, timeout_s
         self._generation = 0
-        header = self.world_size * FLAG_STRIDE * 8
-        # Two slot sets of one slot per rank, and two result vectors.
-        size = header + 2 * (self.world_size + 1) * capacity * 4
         # More ranks than CPUs: a spinning rank would steal the core its peer needs to arrive.
         self._yield_always = available_cpus() < self.world_size
-
         identity = [os.getpid(), _start_time(os.getpid())]
         peers: list[list[int | None]] = [[] for _ in range(self.world_size)]
         dist.all_gather_object(peers, identity, group=group)
         self._peers = [(r, int(pid), start) for r, (pid, start) in enumerate(peers) if r != self.rank]
 
-        name = [""]
-        path: Path | None = None
-        error = ""
-        try:
-            if self.rank == 0:
-                try:
-                    path = create_shared_file(size)
-                    name[0] = path.name
-                except OSError as exc:
-                    error = f"rank 0 could not create it: {exc}"
-            # Every rank reaches this broadcast and the gather below, failure or not, so no rank is
-            # left waiting in a collective and all of them fall back together.
-            dist.broadcast_object_list(name, src=dist.get_global_rank(group, 0), group=group)
-            if name[0]:
-                try:
-                    self._map = map_shared_file(SHM_DIR / name[0], size)
-                except OSError as exc:
-                    error = f"rank {self.rank}: {exc}"
-            errors: list[str] = [""] * self.world_size
-            # Doubles as the barrier after which nobody needs the name any more.
-            dist.all_gather_object(errors, error, group=group)
-        finally:
-            if path is not None:
-                path.unlink(missing_ok=True)
-        self.path = SHM_DIR / name[0]  # already unlinked: kept only so callers can check that
-        failures = [e for e in errors if e]
-        if failures:
-            raise OSError(f"shared memory could not be mapped: {'; '.join(failures)}")
-
+        header = self.world_size * FLAG_STRIDE * 8
+        # Two slot sets of one slot per rank, and two result vectors.
+        self._map, self.path = open_shared_mapping(group, header + 2 * (self.world_size + 1) * capacity * 4)
         self._flags = np.frombuffer(self._map, dtype=np.int64, count=self.world_size * FLAG_STRIDE)
         data = torch.frombuffer(
             self._map, dtype=torch.float32, offset=header, count=(self.world_size + 1) * 2 * capacity
@@ -226,10 +264,10 @@ class ShmAllreduce:
         ``tensor / divide_by`` (``divide_by`` = world size gives DDP's average, divided before summing)."""
         if self.world_size == 1:
             return tensor.div_(divide_by)
-        (result,) = self.reduce([tensor], divide_by)
+        (result,) = self.allreduce([tensor], divide_by)
         return tensor.copy_(result)
 
-    def reduce(self, tensors: list[torch.Tensor], divide_by: int = 1) -> list[torch.Tensor]:
+    def allreduce(self, tensors: list[torch.Tensor], divide_by: int = 1) -> list[torch.Tensor]:
         """The group's sums of ``tensor / divide_by`` for each of ``tensors`` (contiguous float32, at
         most ``capacity`` elements in all), as views of the shared result shaped like the inputs.
 
@@ -258,21 +296,23 @@ class ShmAllreduce:
             if total > self.capacity:
                 raise ValueError(f"{total} elements exceed the shared-memory capacity of {self.capacity}")
             bounds = chunk_bounds(total, self.world_size)
+            spans = plan_spans(sizes, bounds)
+            lo, hi = bounds[self.rank]
             plans = []
             for slots, result in zip(self._slots, self._results, strict=True):
-                to_peers, to_own, results, start = [], [], [], 0
-                for index, size in enumerate(sizes):
-                    results.append(result[start : start + size])
-                    for owner, (lo, hi) in enumerate(bounds):
-                        a, b = max(start, lo), min(start + size, hi)
-                        if a < b:  # own chunk straight into the result, the others into this rank's slot
-                            elements = slice(a - start, b - start)
-                            if owner == self.rank:
-                                to_own.append((index, elements, result[a:b]))
-                            else:
-                                to_peers.append((index, elements, slots[self.rank][a:b]))
-                    start += size
-                lo, hi = bounds[self.rank]
+                # This rank's own chunk goes straight into the result, the others into its slot.
+                to_peers = [
+                    (s.index, slice(s.begin, s.end), slots[self.rank][s.offset : s.offset + s.end - s.begin])
+                    for s in spans
+                    if s.owner != self.rank
+                ]
+                to_own = [
+                    (s.index, slice(s.begin, s.end), result[s.offset : s.offset + s.end - s.begin])
+                    for s in spans
+                    if s.owner == self.rank
+                ]
+                starts = [sum(sizes[:i]) for i in range(len(sizes))]
+                results = [result[start : start + size] for start, size in zip(starts, sizes, strict=True)]
                 peers = [slots[peer][lo:hi] for peer in range(self.world_size) if peer != self.rank]
                 plans.append(_Plan(to_peers, to_own, result[lo:hi], peers, results))
             self._plans[sizes] = (plans[0], plans[1])

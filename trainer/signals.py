@@ -42,10 +42,9 @@ class StopSignal:
     def requested(self) -> bool:
         return self.signum is not None
 
-    def install(self) -> StopSignal:
+    def install(self) -> None:
         for signum in STOP_SIGNALS:
             self._previous[signum] = signal.signal(signum, self._handle)
-        return self
 
     def restore(self) -> None:
         for signum, previous in self._previous.items():

@@ -1,0 +1,236 @@
+"""What a run records as it goes: step windows, per-epoch rows, the summary, and the rank logs.
+
+Files (under ``--run-dir``):
+
+- ``rank<r>.jsonl``: every rank's window samples (loss, step/data/compute/sync ms, CPU %, RSS)
+  and events (first step, end);
+- ``samples/rank<r>-pid<p>.jsonl``: with ``--record-samples``, the positions of every batch;
+- ``metrics.csv``: one row per epoch (rank 0);
+- ``summary.json``: the whole run (rank 0).
+
+Hazard: ``epoch_row`` and ``finish`` reduce figures across ranks, so every rank calls them at
+the same point of the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from trainer.collectives import reduce_max, reduce_sum
+from trainer.config import TrainConfig
+from trainer.distributed import DistEnv
+from trainer.fileio import write_json
+from trainer.metrics import RankLog, ResourceSampler, StepTimes, peak_rss_mb, percentile, write_metrics_csv
+from trainer.model import count_parameters, params_sha256
+
+if TYPE_CHECKING:  # the loop imports this module
+    from trainer.loop import TrainState
+
+log = logging.getLogger(__name__)
+
+
+class Progress:
+    """One rank's records of its run, and the progress bar on rank 0's terminal."""
+
+    def __init__(self, cfg: TrainConfig, dist_env: DistEnv, device: torch.device) -> None:
+        self.cfg, self.dist_env, self.device = cfg, dist_env, device
+        self.run_dir = Path(cfg.run_dir)
+        self.sampler = ResourceSampler()
+        self.rank_log = RankLog(self.run_dir / f"rank{dist_env.rank}.jsonl")
+        self.samples_log = (
+            RankLog(self.run_dir / "samples" / f"rank{dist_env.rank}-pid{os.getpid()}.jsonl")
+            if cfg.record_samples
+            else None
+        )
+        self.run_times = StepTimes()  # every window of this process, for the summary
+        self.show_bar = dist_env.is_main and sys.stdout.isatty()
+        self._first_step_done = False
+        self.resumed_from_step: int | None = None
+
+    def start(self, resumed_from_step: int | None) -> None:
+        """Begin recording a run that resumed from ``resumed_from_step`` (None: from scratch)."""
+        self.resumed_from_step = resumed_from_step
+        if self.samples_log is not None:
+            env = self.dist_env
+            self.samples_log.write(
+                {
+                    "event": "start",
+                    "time": time.time(),
+                    "resumed_from_step": resumed_from_step or 0,
+                    "run_id": env.run_id,
+                    "restarts": env.restart_count,
+                    "rank": env.rank,
+                    "world_size": env.world_size,
+                }
+            )
+        self.sampler.start()
+
+    def stop(self) -> None:
+        self.sampler.stop()
+
+    @contextmanager
+    def epoch_bar(self, steps: int, epoch: int) -> Iterator[tqdm]:
+        """A bar over the epoch's steps on an interactive terminal (a disabled one elsewhere)."""
+        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", file=sys.stdout, disable=not self.show_bar)
+        redirect = logging_redirect_tqdm([logging.getLogger("trainer")]) if self.show_bar else nullcontext()
+        with bar, redirect:
+            yield bar
+
+    def step_done(self, state: TrainState, positions: torch.Tensor) -> None:
+        """Per-step records that are off or one-off: the sample positions (debugging), the first step."""
+        if self.samples_log is not None:
+            self.samples_log.write(
+                {"step": state.global_step, "epoch": state.epoch + 1, "positions": positions.tolist()}
+            )
+        if not self._first_step_done:
+            self._first_step_done = True
+            self.rank_log.write(
+                {
+                    "event": "first_step",
+                    "step": state.global_step,
+                    "time": time.time(),
+                    "restarts": self.dist_env.restart_count,
+                    "resumed_from_step": self.resumed_from_step,
+                }
+            )
+
+    def window_done(self, state: TrainState, window: StepTimes, loss: float, bar: tqdm, at_log: bool) -> None:
+        """Record a window of steps (``loss``: this rank's mean) and log it at ``--log-every`` steps."""
+        self.run_times.merge(window)
+        record = {
+            "step": state.global_step,
+            "epoch": state.epoch + 1,
+            "loss": loss,
+            "step_ms": window.mean("step_ms"),
+            "data_ms": window.mean("data_ms"),
+            "compute_ms": window.mean("compute_ms"),
+            "sync_ms": window.mean("sync_ms"),
+            "cpu_percent": self.sampler.last_cpu_percent,
+            "rss_mb": self.sampler.last_rss_mb,
+            "time": time.time(),
+        }
+        self.rank_log.write(record)
+        if at_log and not self.show_bar:
+            log.info(
+                "epoch %d step %d loss %.4f | step %.2f ms (data %.2f, compute %.2f, sync %.2f)",
+                record["epoch"],
+                record["step"],
+                record["loss"],
+                record["step_ms"],
+                record["data_ms"],
+                record["compute_ms"],
+                record["sync_ms"],
+            )
+        if not bar.disable:
+            bar.set_postfix(loss=f"{loss:.4f}", sync_ms=f"{record['sync_ms']:.2f}")
+
+    def epoch_row(self, state: TrainState, val_loss: float, val_accuracy: float) -> dict[str, Any]:
+        """The epoch's metrics row, appended to the history and ``metrics.csv``. Collective."""
+        cpu = self.sampler.take_mean_cpu()
+        cpu_total, rss_total = reduce_sum([cpu, self.sampler.last_rss_mb], self.device)
+        steps, seconds = state.epoch_steps, state.epoch_seconds
+        row = {
+            "epoch": state.epoch + 1,
+            "global_step": state.global_step,
+            "train_loss": state.epoch_loss_sum / steps if steps else float("nan"),
+            "val_loss": val_loss,
+            "val_accuracy": val_accuracy,
+            "epoch_seconds": seconds,
+            "batches_per_second": steps / seconds if seconds else 0.0,
+            # ``consumed`` counts the epoch's samples across restarts and world sizes.
+            "samples_per_second": state.consumed / seconds if seconds else 0.0,
+            "cpu_percent_total": cpu_total,
+            "rss_mb_total": rss_total,
+        }
+        state.history.append(row)
+        if self.dist_env.is_main:
+            write_metrics_csv(self.run_dir / "metrics.csv", state.history)
+        log.info(
+            "epoch %d done: train loss %.4f, val loss %.4f, val accuracy %.4f, %.1f s, %.0f samples/s",
+            row["epoch"],
+            row["train_loss"],
+            val_loss,
+            val_accuracy,
+            seconds,
+            row["samples_per_second"],
+        )
+        return row
+
+    def finish(self, state: TrainState, model: nn.Module, test: tuple[float, float], wall_s: float) -> dict[str, Any]:
+        """Write ``summary.json`` (rank 0) and close the rank log; returns the summary. Collective.
+
+        ``test`` is the test split's (loss, accuracy); ``wall_s`` the run's wall time.
+        """
+        summary = self._summarize(state, model, test, wall_s)
+        self.rank_log.write({"event": "end", "step": state.global_step, "params_sha256": summary["params_sha256"]})
+        self.rank_log.close()
+        if self.dist_env.is_main:
+            write_json(self.run_dir / "summary.json", summary)
+        log.info(
+            "done: test accuracy %.4f, test loss %.4f, train %.1f s, %.0f samples/s, sync %.3f ms/batch, "
+            "peak RSS %.0f MB/rank",
+            summary["test_accuracy"],
+            summary["test_loss"],
+            summary["train_seconds"],
+            summary["samples_per_second"],
+            summary["sync_ms_per_batch"],
+            summary["peak_rss_mb"],
+        )
+        return summary
+
+    def _summarize(self, state: TrainState, model: nn.Module, test: tuple[float, float], wall_s: float) -> dict:
+        env, times = self.dist_env, self.run_times
+        means = [times.mean(n) for n in ("step_ms", "data_ms", "compute_ms", "sync_ms")]
+        peak = peak_rss_mb()
+        cpu_mean = sum(r["cpu_percent_total"] for r in state.history) / max(1, len(state.history))
+        *sums, peak_total = reduce_sum([*means, peak], self.device)
+        step_ms, data_ms, compute_ms, sync_ms = (value / env.world_size for value in sums)
+        on_cuda = self.device.type == "cuda"
+        peak_gpu = torch.cuda.max_memory_allocated(self.device) / 2**20 if on_cuda else 0.0
+        peak_max, p50, p95, peak_gpu_max = reduce_max(
+            [peak, percentile(times.sync_samples, 50), percentile(times.sync_samples, 95), peak_gpu], self.device
+        )
+        test_loss, test_accuracy = test
+        return {
+            "world_size": env.world_size,
+            "epochs": len(state.history),
+            "epochs_requested": self.cfg.epochs,
+            "global_step": state.global_step,
+            "restarts": env.restart_count,
+            "resumed_from_step": self.resumed_from_step,
+            "test_accuracy": test_accuracy,
+            "test_loss": test_loss,
+            "val_accuracy": state.history[-1]["val_accuracy"] if state.history else None,
+            "train_seconds": state.train_seconds,
+            "wall_seconds": wall_s,
+            "samples_per_second": state.samples_trained / state.train_seconds if state.train_seconds else 0.0,
+            "step_ms": step_ms,
+            "data_ms": data_ms,
+            "compute_ms": compute_ms,
+            "sync_ms_per_batch": sync_ms,
+            "sync_ms_p50": p50,
+            "sync_ms_p95": p95,
+            "cpu_percent_total": cpu_mean,
+            "peak_rss_mb": peak_max,
+            "peak_rss_mb_total": peak_total,
+            "peak_gpu_mb": peak_gpu_max if on_cuda else None,
+            "threads_per_rank": torch.get_num_threads(),
+            "backend": dist.get_backend() if dist.is_initialized() else "none",
+            "device": str(self.device),
+            "torch_version": torch.__version__,
+            "parameters": count_parameters(model),
+            "params_sha256": params_sha256(model),
+        }
