@@ -15,8 +15,10 @@ from typing import Any
 
 from benchmarks.common import machine, machine_line, markdown_table, publish, results_dir, write_csv, write_json
 from benchmarks.scaling import run_once
+from trainer.comm import COMM_OPTIONS
 
-OPTIONS = "gloo,shm,bf16,fp16,powersgd,localsgd"
+# Every option but auto, which only picks one of the others (shm or gloo).
+OPTIONS = ",".join(option for option in COMM_OPTIONS if option != "auto")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,7 +8,6 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -20,7 +19,7 @@ from typing import Any
 import psutil
 import torch
 
-from trainer.distributed import without_launcher_vars
+from trainer.jobs import fresh_job_env, torchrun_command
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -62,29 +61,16 @@ def results_dir(name: str, out: str | None) -> Path:
 
 
 def child_env(**extra: str) -> dict[str, str]:
-    """This environment minus launcher variables and GPUs, with the repo importable, plus ``extra``.
+    """A fresh job's environment for a benchmark, plus ``extra``: this checkout importable, GPUs hidden.
 
     The benchmarks measure the CPU path (several processes per host, gloo or shared memory), so
     the processes they start see no GPU even on a host that has one.
     """
-    env = without_launcher_vars(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env["CUDA_VISIBLE_DEVICES"] = ""
-    env.update(extra)
-    return env
+    return fresh_job_env(pythonpath=REPO, **extra)
 
 
-def torchrun(nproc: int, module: str, args: Sequence[str]) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        "-m",
-        module,
-        *args,
-    ]
+# benchmarks.sync still imports the command by this name; it goes when sync imports trainer.jobs.
+torchrun = torchrun_command
 
 
 @dataclass

@@ -32,10 +32,10 @@ from benchmarks.common import (
     publish,
     results_dir,
     run_checked,
-    torchrun,
     write_csv,
     write_json,
 )
+from trainer.jobs import torchrun_command
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -75,12 +75,12 @@ def main(argv: list[str] | None = None) -> None:
             for setting in settings:
                 result_file = out / f"baseline-{setting}-r{repeat}.json"
                 baseline_args = ["--data-dir", data_dir, "--out", str(result_file), *steps]
-                cmd = torchrun(args.world_size, "benchmarks.baseline", baseline_args)
+                cmd = torchrun_command(args.world_size, "benchmarks.baseline", baseline_args)
                 run_checked(cmd, child_env(**variants[setting]), timeout=900)
                 results[who_names[setting]] = json.loads(result_file.read_text())
             run_dir = out / "runs" / f"trainer-r{repeat}"
             trainer_args = ["--epochs", "1", "--comm", args.comm, "--run-dir", str(run_dir), "--overwrite", *steps]
-            run_checked(torchrun(args.world_size, "trainer", trainer_args), child_env(), timeout=900)
+            run_checked(torchrun_command(args.world_size, "trainer", trainer_args), child_env(), timeout=900)
             results["trainer"] = json.loads((run_dir / "summary.json").read_text())
             for name, figures in results.items():
                 raw.append(

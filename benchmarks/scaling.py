@@ -32,10 +32,10 @@ from benchmarks.common import (
     publish,
     results_dir,
     run_checked,
-    torchrun,
     write_csv,
     write_json,
 )
+from trainer.jobs import torchrun_command
 
 BATCH = 32
 EPOCH_SAMPLES = 48_000
@@ -107,7 +107,7 @@ def run_once(
     args = ["--epochs", str(epochs), "--comm", comm, "--run-dir", str(run_dir), "--overwrite", "--log-every", "50"]
     if samples is not None:
         args += ["--max-steps", str(max(1, samples // (BATCH * world)))]
-    output, monitor = run_checked(torchrun(world, "trainer", args), child_env(), timeout, monitor=True)
+    output, monitor = run_checked(torchrun_command(world, "trainer", args), child_env(), timeout, monitor=True)
     summary = json.loads((run_dir / "summary.json").read_text())
     chosen = re.search(r"gradient sync: (\w+)", output)
     row: dict[str, Any] = {"world_size": world, "comm": chosen.group(1) if chosen else "none"}

@@ -17,28 +17,21 @@ from typing import Any
 import psutil
 import pytest
 
-from trainer.distributed import without_launcher_vars
+from trainer.jobs import fresh_job_env, torchrun_command
 
 REPO = Path(__file__).resolve().parents[1]
-# The suite tests the CPU path on any host, GPU or not: the processes it starts see no GPU unless
-# a test asks for them (``gpu=True``; tests/test_cuda.py). The host's own setting, restored then:
-HOST_CUDA_VISIBLE_DEVICES = os.environ.get("CUDA_VISIBLE_DEVICES")
 # Small, fast runs: short logs, few steps.
 QUICK = ("--epochs", "1", "--log-every", "20")
 
 
 def clean_env(gpu: bool = False, **extra: str) -> dict[str, str]:
-    """The test process's environment without launcher variables, plus ``extra``; GPUs hidden unless ``gpu``."""
-    env = without_launcher_vars(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env["PYTHONUNBUFFERED"] = "1"
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    if not gpu:
-        env["CUDA_VISIBLE_DEVICES"] = ""
-    elif HOST_CUDA_VISIBLE_DEVICES is not None:
-        env["CUDA_VISIBLE_DEVICES"] = HOST_CUDA_VISIBLE_DEVICES
-    env.update(extra)
-    return env
+    """A fresh job's environment for a test, plus ``extra``: this checkout importable, output unbuffered.
+
+    The suite tests the CPU path on any host, GPU or not: the processes it starts see no GPU
+    unless a test asks for them (``gpu=True``; tests/test_cuda.py), and then see the host's own.
+    Unbuffered, so that a job killed or timed out still leaves its last words in its log.
+    """
+    return fresh_job_env(pythonpath=REPO, hide_gpus=not gpu, PYTHONUNBUFFERED="1", **extra)
 
 
 def run_process(cmd: Sequence[str], env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess[str]:
@@ -62,20 +55,6 @@ def run_trainer(
     return run_process([sys.executable, "-m", "trainer", *args], clean_env(gpu, **env), timeout)
 
 
-def torchrun_cmd(nproc: int, args: Sequence[str], launcher_args: Sequence[str] = ()) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        *launcher_args,
-        "-m",
-        "trainer",
-        *args,
-    ]
-
-
 def run_torchrun(
     nproc: int,
     args: Sequence[str],
@@ -85,7 +64,7 @@ def run_torchrun(
     **env: str,
 ) -> subprocess.CompletedProcess[str]:
     """``torchrun --standalone --nproc_per_node=N [launcher_args] -m trainer ARGS``."""
-    return run_process(torchrun_cmd(nproc, args, launcher_args), clean_env(gpu, **env), timeout)
+    return run_process(torchrun_command(nproc, "trainer", args, launcher_args), clean_env(gpu, **env), timeout)
 
 
 def free_port() -> int:
@@ -154,6 +133,19 @@ class Launched:
                 os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=30)
         psutil.wait_procs(tree, timeout=10)
+
+
+def wait_all_ok(jobs: Sequence[Launched], timeout: float) -> None:
+    """Each of ``jobs`` must exit 0 within ``timeout``; afterwards all are killed, pass or fail.
+
+    The jobs of one test are peers: when one fails the others may wait on it for ever.
+    """
+    try:
+        for job in jobs:
+            assert job.wait(timeout) == 0, job.output()[-4000:]
+    finally:
+        for job in jobs:
+            job.kill()
 
 
 def wait_until(condition: Callable[[], object], timeout: float, what: str, proc: Launched | None = None) -> object:

@@ -34,15 +34,15 @@ def latest_step(run_dir: Path) -> int:
     return max(steps, default=0)
 
 
-def workers(launcher_pid: int) -> dict[int, psutil.Process]:
-    """The trainer processes under a launcher, by their RANK."""
+def workers(root: int) -> dict[int, psutil.Process]:
+    """The trainer processes anywhere under ``root`` (torchrun, or a launch script), by their RANK variable."""
     found = {}
-    for child in psutil.Process(launcher_pid).children(recursive=True):
+    for child in psutil.Process(root).children(recursive=True):
         try:
-            env = child.environ()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            cmdline, env = child.cmdline(), child.environ()
+        except psutil.Error:  # gone, or not ours to read, since it was listed
             continue
-        if "RANK" in env and "trainer" in child.cmdline():
+        if "trainer" in cmdline and "RANK" in env:
             found[int(env["RANK"])] = child
     return found
 

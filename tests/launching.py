@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import psutil
 from conftest import REPO, clean_env, read_summary
 
 LAUNCH = REPO / "launch"
@@ -21,16 +20,3 @@ def launch_env(**extra: str) -> dict[str, str]:
 
 def read_sha(run_dir: Path) -> str:
     return read_summary(run_dir)["params_sha256"]
-
-
-def ranks_of(root: int) -> dict[int, psutil.Process]:
-    """Trainer processes under ``root`` by their RANK variable."""
-    found = {}
-    for proc in psutil.Process(root).children(recursive=True):
-        try:
-            cmdline, env = proc.cmdline(), proc.environ()
-        except psutil.Error:
-            continue
-        if "trainer" in cmdline and "RANK" in env:
-            found[int(env["RANK"])] = proc
-    return found

@@ -30,8 +30,9 @@ import torch
 from tests.conftest import REPO, assert_ok, clean_env, free_port, read_summary, run_process, run_torchrun
 from trainer import shm
 from trainer.comm import COMM_OPTIONS
+from trainer.jobs import torchrun_command
 
-WORKER = str(REPO / "tests" / "comm_worker.py")
+WORKER = "tests.comm_worker"  # a module, as torchrun_command starts it
 WARMUP = 2  # matches comm_worker.WARMUP: passes 0 and 1 are exact for every option, pass 2 is not
 
 
@@ -43,8 +44,8 @@ def run_worker(mode: str, tmp_path: Path, nproc: int, gpu: bool = False) -> None
     """``comm_worker.py MODE`` under torchrun (GPUs visible if ``gpu``); it must succeed and leave no
     shared memory behind."""
     before = shm_entries()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    assert_ok(run_process([*cmd, WORKER, mode, str(tmp_path)], clean_env(gpu), timeout=120))
+    cmd = torchrun_command(nproc, WORKER, [mode, str(tmp_path)])
+    assert_ok(run_process(cmd, clean_env(gpu), timeout=120))
     assert shm_entries() - before == set(), "shared memory left behind"
 
 
@@ -147,7 +148,7 @@ def run_peer_failure(tmp_path: Path, mode: str) -> dict:
     port = str(free_port())
     procs = [
         subprocess.Popen(
-            [sys.executable, WORKER, mode, str(tmp_path)],
+            [sys.executable, "-m", WORKER, mode, str(tmp_path)],
             env=clean_env(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
             cwd=REPO,
             stdout=subprocess.PIPE,

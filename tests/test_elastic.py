@@ -10,6 +10,7 @@ from pathlib import Path
 from conftest import Launched, clean_env, free_port, read_summary, wait_until
 from faults import first_steps, latest_step, trained_positions
 
+from trainer.jobs import torchrun_command
 from trainer.sampling import epoch_permutation
 
 TRAIN_SPLIT = 48_000
@@ -17,12 +18,8 @@ TRAIN_SPLIT = 48_000
 
 def agent_cmd(port: int, is_host: bool, run_dir: Path) -> list[str]:
     """One torchrun agent ("node") of an elastic 1-2 node job on loopback, one worker each."""
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
+    launcher = [
         "--nnodes=1:2",
-        "--nproc_per_node=1",
         "--rdzv-backend=c10d",
         f"--rdzv-endpoint=127.0.0.1:{port}",
         "--rdzv-id=membership-test",
@@ -31,22 +28,10 @@ def agent_cmd(port: int, is_host: bool, run_dir: Path) -> list[str]:
         "join_timeout=60",
         "--max-restarts=3",
         "--monitor-interval=0.1",
-        "-m",
-        "trainer",
-        "--run-dir",
-        str(run_dir),
-        "--batch-size",
-        "250",
-        "--epochs",
-        "1",
-        "--log-every",
-        "5",
-        "--checkpoint-every",
-        "10",
-        "--max-steps",
-        "60",
-        "--record-samples",
     ]
+    args = ["--run-dir", str(run_dir), "--batch-size", "250", "--epochs", "1", "--log-every", "5"]
+    args += ["--checkpoint-every", "10", "--max-steps", "60", "--record-samples"]
+    return torchrun_command(1, "trainer", args, launcher, standalone=False)
 
 
 def test_a_node_leaves_and_the_survivor_continues_alone_from_the_checkpoint(tmp_path: Path) -> None:

@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Launched, assert_ok, free_port, read_summary, run_process, wait_until
-from faults import has_trained
-from launching import LAUNCH, STEPS, launch_env, ranks_of, read_sha
+from conftest import Launched, assert_ok, free_port, read_summary, run_process, wait_all_ok, wait_until
+from faults import has_trained, workers
+from launching import LAUNCH, STEPS, launch_env, read_sha
 
 SCRIPTS = sorted([*LAUNCH.glob("*.sh"), *LAUNCH.glob("*.sbatch")])
 RUNNABLE = [p for p in SCRIPTS if p.name != "lib.sh"]
@@ -84,12 +84,7 @@ def test_env_launch_one_rank_per_terminal(tmp_path: Path, baseline: str) -> None
         )
         for rank in (0, 1)
     ]
-    try:
-        for rank in ranks:
-            assert rank.wait(180) == 0, rank.output()[-4000:]
-    finally:
-        for rank in ranks:
-            rank.kill()
+    wait_all_ok(ranks, 180)
     assert read_sha(run_dir) == baseline
 
 
@@ -107,7 +102,7 @@ def start_long_env_launch(tmp_path: Path) -> tuple[Launched, Path]:
 def test_env_launch_stops_the_others_when_a_rank_fails(tmp_path: Path) -> None:
     script, _ = start_long_env_launch(tmp_path)
     try:
-        ranks_of(script.proc.pid)[1].kill()
+        workers(script.proc.pid)[1].kill()
         started = time.monotonic()
         status = script.wait(60)
         out = script.output()
@@ -121,7 +116,7 @@ def test_env_launch_stops_the_others_when_a_rank_fails(tmp_path: Path) -> None:
 def test_env_launch_forwards_sigterm_to_every_rank(tmp_path: Path) -> None:
     script, _ = start_long_env_launch(tmp_path)
     try:
-        ranks = ranks_of(script.proc.pid)
+        ranks = workers(script.proc.pid)
         assert sorted(ranks) == [0, 1]
         script.proc.send_signal(signal.SIGTERM)
         status = script.wait(60)
@@ -159,12 +154,7 @@ def test_multinode_sh_static_rendezvous_two_agents(tmp_path: Path, baseline: str
         )
         for node in (0, 1)
     ]
-    try:
-        for agent in agents:
-            assert agent.wait(180) == 0, agent.output()[-4000:]
-    finally:
-        for agent in agents:
-            agent.kill()
+    wait_all_ok(agents, 180)
     assert read_summary(run_dir)["world_size"] == 2
     assert read_sha(run_dir) == baseline
 
@@ -291,12 +281,7 @@ def test_pytorchjob_manifest_matches_the_contract(tmp_path: Path, baseline: str)
             args = [*container["args"], *STEPS, "--run-dir", str(run_dir), "--timeout", "60"]
             pods.append(Launched([*command, *args], env, tmp_path / f"pod{rank}.log"))
             rank += 1
-    try:
-        for pod in pods:
-            assert pod.wait(180) == 0, pod.output()[-4000:]
-    finally:
-        for pod in pods:
-            pod.kill()
+    wait_all_ok(pods, 180)
     assert read_summary(run_dir)["world_size"] == world_size == 2
     assert read_sha(run_dir) == baseline
 

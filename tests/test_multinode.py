@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import Launched, assert_ok, read_summary, run_process, wait_until
+from conftest import Launched, assert_ok, read_summary, run_process, wait_all_ok, wait_until
 from launching import LAUNCH, STEPS, launch_env, read_sha
 
 SUBNET = "10.77.0"
@@ -104,13 +104,8 @@ def test_two_hosts_train_like_one(tmp_path: Path, hosts: tuple[Host, Host]) -> N
         )
         for host in hosts
     ]
-    try:
-        for agent in agents:
-            assert agent.wait(240) == 0, agent.output()[-4000:]
-        logs = agents[0].output() + agents[1].output()
-    finally:
-        for agent in agents:
-            agent.kill()
+    wait_all_ok(agents, 240)
+    logs = agents[0].output() + agents[1].output()
     summary = read_summary(run_dir)
     assert (summary["world_size"], summary["global_step"]) == (world_size, 30)
     assert summary["params_sha256"] == read_sha(local)

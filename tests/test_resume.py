@@ -17,13 +17,13 @@ from conftest import (
     read_summary,
     run_torchrun,
     run_trainer,
-    torchrun_cmd,
     wait_until,
 )
 from faults import first_steps, latest_step, metrics_rows, trained_positions, workers
 
 from trainer.config import TrainConfig
 from trainer.distributed import DistEnv
+from trainer.jobs import torchrun_command
 from trainer.rundir import prepare_run_dir, starts_fresh
 
 # 2 ranks x 250 = 500 samples a step: 96 steps an epoch, 192 in all; checkpoints every 15 steps
@@ -75,7 +75,7 @@ def test_sigkill_of_a_worker_restarts_and_finishes_with_the_same_model(
     run_dir = tmp_path / "run"
     # --overwrite as well: it must clear the run directory once, not again when torchrun restarts the workers.
     args = trainer_args(run_dir, "--overwrite")
-    job = Launched(torchrun_cmd(2, args, ["--max-restarts=3"]), clean_env(), tmp_path / "torchrun.log")
+    job = Launched(torchrun_command(2, "trainer", args, ["--max-restarts=3"]), clean_env(), tmp_path / "torchrun.log")
     wait_until(lambda: latest_step(run_dir) >= 40, 120, "step 40", job)
     victim = workers(job.pid)[0]  # rank 0: the checkpoint writer
     killed_at = time.time()
@@ -96,7 +96,7 @@ def test_sigterm_to_one_worker_checkpoints_and_exits_then_resume_matches(
     tmp_path: Path, baseline: dict[str, Any]
 ) -> None:
     run_dir = tmp_path / "run"
-    job = Launched(torchrun_cmd(2, trainer_args(run_dir)), clean_env(), tmp_path / "stopped.log")
+    job = Launched(torchrun_command(2, "trainer", trainer_args(run_dir)), clean_env(), tmp_path / "stopped.log")
     wait_until(lambda: latest_step(run_dir) >= 20, 120, "step 20", job)
     workers(job.pid)[1].send_signal(signal.SIGTERM)  # reaches rank 1 only; rank 0 writes
     assert job.wait(120) != 0
@@ -120,7 +120,7 @@ def test_resume_at_another_world_size_skips_and_repeats_no_sample(tmp_path: Path
     """2 processes -> 1 -> 2, stopped by SIGTERM mid-epoch each time, global batch fixed at 500."""
     run_dir = tmp_path / "run"
     args = [*trainer_args(run_dir), "--global-batch-size", "500", "--epochs", "1"]
-    two = Launched(torchrun_cmd(2, args), clean_env(), tmp_path / "two.log")
+    two = Launched(torchrun_command(2, "trainer", args), clean_env(), tmp_path / "two.log")
     wait_until(lambda: latest_step(run_dir) >= 20, 120, "step 20", two)
     workers(two.pid)[0].send_signal(signal.SIGTERM)
     assert two.wait(120) != 0
