@@ -15,7 +15,7 @@ from typing import Any
 
 from benchmarks.common import machine, machine_line, markdown_table, publish, results_dir, write_csv, write_json
 from benchmarks.scaling import run_once
-from trainer.comm import COMM_OPTIONS
+from trainer.config import COMM_OPTIONS
 
 # Every option but auto, which only picks one of the others (shm or gloo).
 OPTIONS = ",".join(option for option in COMM_OPTIONS if option != "auto")

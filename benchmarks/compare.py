@@ -1,4 +1,5 @@
-"""The trainer against the textbook recipe (``benchmarks.baseline``), side by side in one run.
+"""The trainer against its peers, side by side in one run: the textbook recipe (``benchmarks.baseline``)
+and plain DDP with the data in memory (``benchmarks.ddp_peer``).
 
     python -m benchmarks.compare                    # world size 2, one epoch each, 3 alternating runs
     python -m benchmarks.compare --quick            # 100 steps each, one run (CI)
@@ -36,6 +37,8 @@ from benchmarks.common import (
     write_json,
 )
 from trainer.jobs import torchrun_command
+
+PEER = "plain DDP, data in memory"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -78,6 +81,10 @@ def main(argv: list[str] | None = None) -> None:
                 cmd = torchrun_command(args.world_size, "benchmarks.baseline", baseline_args)
                 run_checked(cmd, child_env(**variants[setting]), timeout=900)
                 results[who_names[setting]] = json.loads(result_file.read_text())
+            peer_file = out / f"ddp-peer-r{repeat}.json"
+            peer_args = ["--out", str(peer_file), *steps]
+            run_checked(torchrun_command(args.world_size, "benchmarks.ddp_peer", peer_args), child_env(), timeout=900)
+            results[PEER] = json.loads(peer_file.read_text())
             run_dir = out / "runs" / f"trainer-r{repeat}"
             trainer_args = ["--epochs", "1", "--comm", args.comm, "--run-dir", str(run_dir), "--overwrite", *steps]
             run_checked(torchrun_command(args.world_size, "trainer", trainer_args), child_env(), timeout=900)
@@ -97,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"run {repeat + 1}/{args.repeats}: {line}", flush=True)
     write_csv(out / "raw.csv", raw)
     rows = []
-    for who in [who_names[s] for s in settings] + ["trainer"]:
+    for who in [who_names[s] for s in settings] + [PEER, "trainer"]:
         mine = [r for r in raw if r["who"] == who]
         median, low, high = median_spread([r["train_seconds"] for r in mine])
         rows.append(
@@ -115,8 +122,9 @@ def main(argv: list[str] | None = None) -> None:
         row["trainer_speedup"] = row["train_seconds"] / trainer_seconds
     work = f"{args.max_steps} steps" if args.max_steps else "one epoch"
     text = (
-        f"Trainer (--comm {args.comm}) against the textbook recipe, world size {args.world_size}, {work}, "
-        f"batch 32 per rank, median of {args.repeats} alternating run(s).\nMachine: {machine_line(info)}\n\n"
+        f"Trainer (--comm {args.comm}) against its peers, world size {args.world_size}, {work}, "
+        f"batch 32 per rank, median of {args.repeats} alternating run(s). Targets: at least 4x over "
+        f"{PEER}, at least 15x over the textbook recipe.\nMachine: {machine_line(info)}\n\n"
         + markdown_table(
             rows,
             (

@@ -45,8 +45,19 @@ def test_scaling_quick(tmp_path: Path) -> None:
 def test_compare_quick(tmp_path: Path) -> None:
     bench("compare", tmp_path)
     rows = json.loads((tmp_path / "compare.json").read_text())["rows"]
-    assert [r["who"] for r in rows] == ["baseline, torchrun threads", "trainer"]
+    assert [r["who"] for r in rows] == ["baseline, torchrun threads", "plain DDP, data in memory", "trainer"]
     assert all(r["train_seconds"] > 0 and 0 < r["test_accuracy"] <= 1 for r in rows)
+
+
+def test_floor_quick(tmp_path: Path) -> None:
+    stdout = bench("floor", tmp_path)
+    result = json.loads((tmp_path / "floor.json").read_text())
+    assert [r["what"] for r in result["rows"]] == ["floor ws1", "trainer ws1", "floor ws2", "trainer ws2"]
+    assert all(r["ms_per_step"] > 0 for r in result["rows"])
+    assert result["ratios"]["ws1"] > 0 and result["ratios"]["ws2"] > 0
+    # Two concurrent floor processes per round, one two-thread process, and one run of each world size.
+    assert [r["what"] for r in read_csv(tmp_path / "raw.csv")].count("floor ws2") == 2
+    assert "trainer/floor" in stdout
 
 
 def test_sync_quick(tmp_path: Path) -> None:
