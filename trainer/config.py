@@ -164,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trainer",
         description="Train an MLP on MNIST, one process or many (torchrun or exported RANK/WORLD_SIZE).",
+        epilog="Other commands: trainer evaluate PATH (test accuracy of a run directory, checkpoint or exported "
+        "model; docs/using-the-model.md). Each takes --help.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     hints = typing.get_type_hints(TrainConfig)
