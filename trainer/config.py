@@ -75,7 +75,9 @@ class TrainConfig:
         None, "Directory for checkpoints, on storage every node can read; unset means RUN_DIR/checkpoints."
     )
     checkpoint_every: int = _opt(200, "Write a checkpoint every N optimiser steps, and at each epoch end.")
-    keep_checkpoints: int = _opt(3, "Keep the newest K checkpoints, delete older ones.")
+    keep_checkpoints: int = _opt(
+        3, "Keep the newest K checkpoints and the best (highest validation accuracy at an epoch end); delete others."
+    )
     resume: str = _opt(
         "auto",
         "auto: continue from the newest valid checkpoint in --checkpoint-dir if there is one; never: refuse to "
