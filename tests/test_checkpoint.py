@@ -65,7 +65,8 @@ def test_save_writes_a_verifiable_pair_and_prunes_to_keep(tmp_path: Path) -> Non
         save_checkpoint(tmp_path, step, payload(step), keep=3)
     (tmp_path / ".step-00000050.pt.abc.tmp").write_bytes(b"left by a killed write")
     save_checkpoint(tmp_path, 50, payload(50), keep=3)
-    assert sorted(os.listdir(tmp_path)) == [f"step-000000{s}.{ext}" for s in (30, 40, 50) for ext in ("json", "pt")]
+    expected = [f"step-000000{s}.{ext}" for s in (30, 40, 50) for ext in ("json", "pt")]
+    assert sorted(os.listdir(tmp_path)) == ["latest.json", *expected]
     manifest = json.loads((tmp_path / "step-00000050.json").read_text())
     assert manifest["sha256"] == digest(tmp_path / "step-00000050.pt")
     assert manifest["samples_consumed_in_epoch"] == 500 and manifest["world_size"] == 2
@@ -157,7 +158,7 @@ def test_resume_auto_skips_every_kind_of_bad_checkpoint_and_keeps_the_good_ones(
 ) -> None:
     run_dir = tmp_path / "run"
     ckpt = copy_checkpoints(good_checkpoints, run_dir)
-    good = {p.name: digest(p) for p in ckpt.iterdir()}
+    good = {p.name: digest(p) for p in ckpt.glob("step-*")}  # latest.json moves on, rightly
     newest = ckpt / "step-00000020.pt"
     (ckpt / "step-00000030.pt").write_bytes(newest.read_bytes()[:1000])  # truncated
     shutil.copy(newest.with_suffix(".json"), ckpt / "step-00000030.json")

@@ -4,6 +4,12 @@ A checkpoint is two files in the checkpoint directory: ``step-00000100.pt`` (``t
 plain tensors and values) and ``step-00000100.json``, its manifest (size and SHA-256 of the
 ``.pt``, and where training stood). The manifest is written last, so it doubles as the
 completion marker: a ``.pt`` without one, or one whose bytes do not match it, is not loaded.
+
+An epoch-end checkpoint's manifest also holds the validation accuracy of that epoch. The one with
+the highest is the best checkpoint, which pruning keeps besides the newest ``--keep-checkpoints``.
+Two pointer files make both easy to find: ``latest.json`` (the newest checkpoint written) and
+``best.json``, each a copy of the chosen checkpoint's manifest entries. They are conveniences for
+users and tools: resuming reads the manifests themselves.
 """
 
 from __future__ import annotations
@@ -34,6 +40,9 @@ _NAME = re.compile(r"^step-(\d{8,})\.(pt|json)$")
 # A checkpoint written with other values of these cannot continue this run: the weights or the
 # optimiser state would not fit, or the data split and order would differ.
 MUST_MATCH = ("hidden", "optimizer", "seed", "val_fraction")
+LATEST, BEST = "latest.json", "best.json"
+# What a pointer file copies from the manifest it points at.
+POINTER_FIELDS = ("file", "step", "epoch", "epochs_completed", "samples_consumed_in_epoch", "val_accuracy")
 
 
 class CheckpointError(Exception):
@@ -58,12 +67,16 @@ def step_of(path: Path) -> int:
 
 
 # -- writing ----------------------------------------------------------------------------
-def save_checkpoint(directory: Path, step: int, payload: dict[str, Any], keep: int) -> Path:
-    """Write ``payload`` as the checkpoint of ``step``, then prune to the newest ``keep``.
+def save_checkpoint(
+    directory: Path, step: int, payload: dict[str, Any], keep: int, val_accuracy: float | None = None
+) -> Path:
+    """Write ``payload`` as the checkpoint of ``step``, point ``latest.json`` at it, prune to the newest ``keep``.
 
-    The ``.pt`` and then its manifest each go through a temporary file, fsync and ``os.replace``:
-    a kill at any moment leaves either the previous checkpoints or the new, complete one.
-    Raises ``OSError`` when the disk refuses the write; older checkpoints are untouched then.
+    ``val_accuracy`` (epoch-end checkpoints only) makes it a candidate for ``best.json``; the best
+    checkpoint survives pruning. The ``.pt``, its manifest and then the pointers each go through a
+    temporary file, fsync and ``os.replace``: a kill at any moment leaves either the previous
+    checkpoints or the new, complete one. Raises ``OSError`` when the disk refuses the write;
+    older checkpoints are untouched then.
     """
     buffer = io.BytesIO()
     torch.save(payload, buffer)
@@ -78,20 +91,27 @@ def save_checkpoint(directory: Path, step: int, payload: dict[str, Any], keep: i
         "bytes": len(data),
         "sha256": hashlib.sha256(data).hexdigest(),
         "step": step,
-        "epoch": state["epoch"] + 1,
+        "epoch": state["epoch"] + 1,  # the epoch in progress (the next one, at an epoch end)
+        "epochs_completed": state["epoch"],
         "samples_consumed_in_epoch": state["consumed"],
+        "val_accuracy": val_accuracy,
         "world_size": payload["world_size"],
         "time": time.time(),
     }
     write_json(path.with_suffix(".json"), manifest)
+    # Pointers before pruning: a kill in between leaves an extra old checkpoint, never a dangling pointer.
+    write_pointers(directory, manifest)
     prune(directory, keep, newest=step)
     return path
 
 
 def prune(directory: Path, keep: int, newest: int) -> None:
-    """Keep the ``keep`` newest checkpoints up to step ``newest``; drop older ones and stray temporaries."""
+    """Keep the ``keep`` newest checkpoints up to step ``newest`` and the best; drop others and stray temporaries."""
     older = [p for p in list_checkpoints(directory) if step_of(p) <= newest]
+    best = best_manifest(directory, up_to=newest)
     for path in older[keep:]:
+        if best is not None and path.name == best["file"]:
+            continue
         for part in (path.with_suffix(".json"), path):  # manifest first: a half-pruned one reads as incomplete
             part.unlink(missing_ok=True)
     # Only rank 0 writes here, so a temporary file at this point was left by a killed write.
@@ -116,14 +136,58 @@ def set_aside_newer(directory: Path, step: int) -> list[str]:
                 moved.append(part.name)
     if moved:
         fsync_dir(directory)
+        # The pointers may name a set-aside checkpoint (a best newer than ``step``, say): point them
+        # at what remains. The newest remaining one is the checkpoint being resumed, if any.
+        remaining = manifests(directory)
+        write_pointers(directory, remaining[0] if remaining else None)
     return moved
 
 
 def remove_all(directory: Path) -> None:
-    """Delete this package's checkpoint files in ``directory`` (``--overwrite``); nothing else there."""
+    """Delete this package's checkpoint files and pointers in ``directory`` (``--overwrite``); nothing else there."""
     for path in list_checkpoints(directory):
         path.with_suffix(".json").unlink(missing_ok=True)
         path.unlink(missing_ok=True)
+    for name in (LATEST, BEST):
+        (directory / name).unlink(missing_ok=True)
+
+
+# -- best and latest --------------------------------------------------------------------
+def manifests(directory: Path) -> list[dict[str, Any]]:
+    """The manifests of the checkpoints in ``directory``, newest first; unreadable ones are left out."""
+    found = []
+    for path in list_checkpoints(directory):
+        try:
+            manifest = json.loads(path.with_suffix(".json").read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(manifest, dict) and manifest.get("file") == path.name:
+            found.append(manifest)
+    return found
+
+
+def best_manifest(directory: Path, up_to: int | None = None) -> dict[str, Any] | None:
+    """The manifest of the epoch-end checkpoint (up to step ``up_to``) with the highest validation accuracy.
+
+    On a tie the earlier one wins: it reached that accuracy first. None when no epoch ended yet.
+    Pruning keeps this checkpoint, so the best of those on disk is the best of the run.
+    """
+    scored = [
+        m
+        for m in manifests(directory)
+        if isinstance(m.get("val_accuracy"), (int, float)) and (up_to is None or m["step"] <= up_to)
+    ]
+    return max(reversed(scored), key=lambda m: m["val_accuracy"], default=None)
+
+
+def write_pointers(directory: Path, latest: dict[str, Any] | None) -> None:
+    """Write ``latest.json`` (for the manifest ``latest``) and ``best.json``; remove a pointer with nothing to name."""
+    best = best_manifest(directory, up_to=latest["step"] if latest else None)
+    for name, manifest in ((LATEST, latest), (BEST, best)):
+        if manifest is None:
+            (directory / name).unlink(missing_ok=True)
+        else:
+            write_json(directory / name, {key: manifest.get(key) for key in POINTER_FIELDS})
 
 
 def check_writable(directory: Path) -> str | None:

@@ -75,7 +75,9 @@ class TrainConfig:
         None, "Directory for checkpoints, on storage every node can read; unset means RUN_DIR/checkpoints."
     )
     checkpoint_every: int = _opt(200, "Write a checkpoint every N optimiser steps, and at each epoch end.")
-    keep_checkpoints: int = _opt(3, "Keep the newest K checkpoints, delete older ones.")
+    keep_checkpoints: int = _opt(
+        3, "Keep the newest K checkpoints and the best (highest validation accuracy at an epoch end); delete others."
+    )
     resume: str = _opt(
         "auto",
         "auto: continue from the newest valid checkpoint in --checkpoint-dir if there is one; never: refuse to "
@@ -164,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trainer",
         description="Train an MLP on MNIST, one process or many (torchrun or exported RANK/WORLD_SIZE).",
+        epilog="Other commands: trainer evaluate PATH (test accuracy of a run directory, checkpoint or exported "
+        "model; docs/using-the-model.md). Each takes --help.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     hints = typing.get_type_hints(TrainConfig)

@@ -19,6 +19,8 @@ from trainer.config import TrainConfig
 from trainer.data import RunData
 from trainer.distributed import DistEnv
 from trainer.errors import UsageError
+from trainer.evaluation import loss_and_correct
+from trainer.export import export_model
 from trainer.metrics import StepTimes, device_clock
 from trainer.model import INPUT_SIZE, NUM_CLASSES, build_model, build_optimizer, count_parameters
 from trainer.progress import Progress
@@ -26,8 +28,6 @@ from trainer.sampling import EpochPlan, epoch_permutation
 from trainer.signals import StopRequested, StopSignal
 
 log = logging.getLogger(__name__)
-
-EVAL_BATCH = 4096
 
 
 @dataclass
@@ -169,20 +169,12 @@ class Trainer:
         return self.cfg.max_steps is not None and self.state.global_step >= self.cfg.max_steps
 
     # -- evaluation ---------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
         """Loss and accuracy over a whole split; each rank takes a slice and the sums are reduced."""
         env = self.dist_env
         begin = len(inputs) * env.rank // env.world_size
         end = len(inputs) * (env.rank + 1) // env.world_size
-        self.model.eval()
-        loss_sum, correct = 0.0, 0.0
-        for chunk in range(begin, end, EVAL_BATCH):
-            stop = min(end, chunk + EVAL_BATCH)
-            logits = self.model(inputs[chunk:stop])
-            loss_sum += float(F.cross_entropy(logits, targets[chunk:stop], reduction="sum"))
-            correct += float((logits.argmax(dim=1) == targets[chunk:stop]).sum())
-        self.model.train()
+        loss_sum, correct = loss_and_correct(self.model, inputs, targets, begin, end)
         loss_sum, correct, count = reduce_sum([loss_sum, correct, float(end - begin)], self.device)
         return loss_sum / count, correct / count
 
@@ -214,8 +206,10 @@ class Trainer:
                 if not complete:
                     log.info("stopped at --max-steps %d, inside epoch %d", self.cfg.max_steps, self.state.epoch + 1)
                     break
-                self.write_checkpoint()
+                self.write_checkpoint(val_accuracy=self.state.history[-1]["val_accuracy"])
             test = self.evaluate(self.data.test_x, self.data.test_y)
+            if self.dist_env.is_main:  # before the summary, which marks the run finished
+                export_model(self.cfg, self.model, self.state, test, self.data)
         finally:
             self.stop.restore()
             self.progress.stop()
@@ -243,8 +237,11 @@ class Trainer:
         restore_rng(payload["rng"])
         self.resumed_from_step = self.state.global_step
 
-    def write_checkpoint(self) -> None:
+    def write_checkpoint(self, val_accuracy: float | None = None) -> None:
         """Rank 0 writes the checkpoint of the current step; the others go straight on.
+
+        ``val_accuracy``: the validation accuracy of an epoch-end checkpoint, which makes it a
+        candidate for the best checkpoint.
 
         No collective is involved, so a peer that died cannot hang the write. A failed write
         (full disk, say) is a warning: training goes on and the earlier checkpoints stay.
@@ -254,7 +251,11 @@ class Trainer:
         started = time.perf_counter()
         try:
             path = save_checkpoint(
-                self.cfg.checkpoint_root, self.state.global_step, self.state_dict(), self.cfg.keep_checkpoints
+                self.cfg.checkpoint_root,
+                self.state.global_step,
+                self.state_dict(),
+                self.cfg.keep_checkpoints,
+                val_accuracy=val_accuracy,
             )
         except OSError as exc:
             log.warning(
