@@ -84,6 +84,9 @@ class TrainConfig:
     record_samples: bool = _opt(
         False, "Debugging: each process writes the training-split positions of every batch it trains on."
     )
+    tensorboard: bool = _opt(
+        False, "Write TensorBoard event files to RUN_DIR/tensorboard (needs the extra trainer[tensorboard])."
+    )
 
     def __post_init__(self) -> None:
         checks = [

@@ -205,7 +205,7 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         """Run the remaining epochs, test, write ``summary.json``; returns the summary."""
         wall_started = time.perf_counter()
-        self.progress.start(self.resumed_from_step)
+        self.progress.start(self.resumed_from_step, self.state)
         self.stop.install()
         try:
             while self.state.epoch < self.cfg.epochs and not self.max_steps_reached():
@@ -216,6 +216,9 @@ class Trainer:
                     break
                 self.write_checkpoint()
             test = self.evaluate(self.data.test_x, self.data.test_y)
+        except Exception as exc:
+            self.progress.hang.failed(exc)  # a wait for peers that failed: raises, naming who did not arrive
+            raise
         finally:
             self.stop.restore()
             self.progress.stop()
