@@ -18,7 +18,6 @@ Hazard: ``window`` gathers every rank's figures, so every rank calls it at the s
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +33,13 @@ EPOCH_SCALARS = ("train_loss", "val_loss", "val_accuracy", "epoch_seconds")
 
 def require_tensorboard() -> None:
     """Fail with a one-line fix when ``--tensorboard`` is asked for but the package is missing."""
-    if importlib.util.find_spec("tensorboard") is None:
+    try:
+        import torch.utils.tensorboard  # noqa: F401  (it imports the tensorboard package and checks it)
+    except ImportError:
         raise UsageError(
             "--tensorboard needs the tensorboard package; install it with pip install 'trainer[tensorboard]' "
             "(or pip install tensorboard), or leave out --tensorboard"
-        )
+        ) from None
 
 
 class TensorBoardLog:
