@@ -70,6 +70,7 @@ class HangWatch:
             return
         self.step_done(step)
         self._store = _store()
+        self._beat()  # at once: a rank stopped before the thread's first beat is still found
         self._thread.start()
 
     def step_done(self, step: int) -> None:
@@ -91,7 +92,8 @@ class HangWatch:
             return
         try:
             self._store.set(KEY.format(self.dist_env.rank), json.dumps([self.last_step, time.time()]))
-        except Exception:  # the store's host is gone: the failure surfaces in the main thread
+        except Exception as exc:  # the store's host is gone: the failure surfaces in the main thread
+            log.warning("rank %d: heartbeat not written (%s); hang reports cannot name peers", self.dist_env.rank, exc)
             self._store = None
 
     def missing_ranks(self) -> list[str]:

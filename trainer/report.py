@@ -125,6 +125,21 @@ def latest_by_step(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 # -- plots ----------------------------------------------------------------------------------------
+def over_time(run: Run, records: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """Seconds since the start and ``key`` of each record, broken (a NaN) where the processes restarted:
+    no line is drawn across the time between two starts."""
+    restarts = [a.time for a in run.attempts[1:]]
+    xs: list[float] = []
+    ys: list[float] = []
+    for record in records:
+        if xs and any(xs[-1] + run.t0 < t <= record["time"] for t in restarts):
+            xs.append(float("nan"))
+            ys.append(float("nan"))
+        xs.append(run.seconds(record))
+        ys.append(record.get(key, float("nan")))
+    return xs, ys
+
+
 def _mark_attempts(ax: Any, run: Run, on_time: bool) -> None:
     """Dashed lines where the processes (re)started, on a time axis or at the resumed step."""
     for index, attempt in enumerate(run.attempts):
@@ -175,8 +190,7 @@ def plot_step_loss(run: Run, ax: Any) -> None:
 
 
 def plot_throughput(run: Run, ax: Any) -> None:
-    records = run.windows.get(0, [])
-    ax.plot([run.seconds(r) for r in records], [r.get("samples_per_second", 0.0) for r in records], ".-")
+    ax.plot(*over_time(run, run.windows.get(0, []), "samples_per_second"), ".-")
     _mark_attempts(ax, run, on_time=True)
     ax.set(xlabel="seconds since start", ylabel="samples / s", title="throughput (all ranks, per window)")
     ax.grid(alpha=0.3)
@@ -192,7 +206,7 @@ def plot_step_split(run: Run, ax: Any) -> None:
             means.append(sum(r[name] for r in records) / len(records) if records else 0.0)
         ax.bar([str(r) for r in ranks], means, bottom=bottom, label=name.removesuffix("_ms"))
         bottom = [b + m for b, m in zip(bottom, means, strict=True)]
-    ax.set(xlabel="rank", ylabel="ms per step", title="step time split (mean of windows)")
+    ax.set(xlabel="rank", ylabel="ms per step", title="step time split (mean of windows, all starts)")
     ax.legend()
 
 
@@ -205,8 +219,7 @@ def plot_sync(run: Run, ax_bars: Any, ax_time: Any) -> None:
     ax_bars.set(xlabel="rank", ylabel="ms", title="sync per step, last start's steps")
     ax_bars.legend()
     for rank, records in sorted(run.windows.items()):
-        with_p95 = [r for r in records if "sync_ms_p95" in r]
-        ax_time.plot([run.seconds(r) for r in with_p95], [r["sync_ms_p95"] for r in with_p95], label=f"rank {rank}")
+        ax_time.plot(*over_time(run, records, "sync_ms_p95"), label=f"rank {rank}")
     _mark_attempts(ax_time, run, on_time=True)
     ax_time.set(xlabel="seconds since start", ylabel="ms", title="sync p95 per window")
     ax_time.legend()
@@ -215,9 +228,8 @@ def plot_sync(run: Run, ax_bars: Any, ax_time: Any) -> None:
 
 def plot_resources(run: Run, ax_cpu: Any, ax_rss: Any) -> None:
     for rank, records in sorted(run.windows.items()):
-        seconds = [run.seconds(r) for r in records]
-        ax_cpu.plot(seconds, [r["cpu_percent"] for r in records], label=f"rank {rank}")
-        ax_rss.plot(seconds, [r["rss_mb"] for r in records], label=f"rank {rank}")
+        ax_cpu.plot(*over_time(run, records, "cpu_percent"), label=f"rank {rank}")
+        ax_rss.plot(*over_time(run, records, "rss_mb"), label=f"rank {rank}")
     for ax, label, title in ((ax_cpu, "CPU % (100 = one core)", "CPU"), (ax_rss, "MB", "resident memory")):
         _mark_attempts(ax, run, on_time=True)
         ax.set(xlabel="seconds since start", ylabel=label, title=f"{title} per rank")
