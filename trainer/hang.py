@@ -110,7 +110,9 @@ class HangWatch:
                 return []
         stale_after = max(3 * HEARTBEAT_S, self.timeout_s / 2)
         stale = [
-            f"rank {r} ({'no heartbeat' if b is None else f'no heartbeat for {now - b[1]:.0f} s, last step {b[0]}'})"
+            f"rank {r} (no heartbeat)"
+            if b is None
+            else f"rank {r} (no heartbeat for {now - b[1]:.0f} s, the last at step {b[0]})"
             for r, b in beats.items()
             if b is None or now - b[1] > stale_after
         ]
