@@ -20,6 +20,7 @@ import psutil
 import torch
 
 from trainer.jobs import fresh_job_env, torchrun_command
+from trainer.machine import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -27,16 +28,8 @@ RESULTS = REPO / "benchmarks" / "results"
 
 def machine() -> dict[str, Any]:
     """The hardware and software a figure was measured on (saved beside every result)."""
-    cpu_model = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return {
-        "cpu": cpu_model,
+        "cpu": cpu_model(),
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
         "load_average_1m": os.getloadavg()[0],

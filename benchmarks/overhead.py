@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
             trainer.run_epoch()
 
         loops = {"floor": floor, "train_step": train_step, "run_epoch": run_epoch}
-        trainer.progress.start(None)
+        trainer.progress.start(None, trainer.state)
         try:
             floor()  # warm-up: allocator, caches, momentum buffers
             samples: dict[str, list[float]] = {name: [] for name in loops}

@@ -111,7 +111,11 @@ def run(cfg: TrainConfig, dist_env: DistEnv, device: torch.device) -> dict | Non
 
 
 # Commands besides training (``trainer NAME ARGS``): each module's ``main(argv)`` runs it.
-COMMANDS: dict[str, str] = {"evaluate": "trainer.evaluate"}
+COMMANDS: dict[str, str] = {
+    "evaluate": "trainer.evaluate",
+    "report": "trainer.report",
+    "platform": "trainer.machine",
+}
 
 
 @record

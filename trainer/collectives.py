@@ -31,6 +31,16 @@ def reduce_max(values: list[float], device: torch.device) -> list[float]:
     return _all_reduce(values, device, dist.ReduceOp.MAX)
 
 
+def gather_floats(values: list[float], device: torch.device) -> list[list[float]]:
+    """Every rank's ``values`` (the same length on all), indexed by rank, on every rank."""
+    if not dist.is_initialized():
+        return [values]
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, tensor)
+    return [t.tolist() for t in gathered]
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank if it is true on any rank (so all ranks take the same branch)."""
     return reduce_max([float(flag)], device)[0] > 0

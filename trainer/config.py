@@ -86,6 +86,9 @@ class TrainConfig:
     record_samples: bool = _opt(
         False, "Debugging: each process writes the training-split positions of every batch it trains on."
     )
+    tensorboard: bool = _opt(
+        False, "Write TensorBoard event files to RUN_DIR/tensorboard (needs the extra trainer[tensorboard])."
+    )
 
     def __post_init__(self) -> None:
         checks = [
@@ -167,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="trainer",
         description="Train an MLP on MNIST, one process or many (torchrun or exported RANK/WORLD_SIZE).",
         epilog="Other commands: trainer evaluate PATH (test accuracy of a run directory, checkpoint or exported "
-        "model; docs/using-the-model.md). Each takes --help.",
+        "model; docs/using-the-model.md); trainer report RUN_DIR (report.html with plots); trainer platform "
+        "(the machine and software, with measured figures; docs/watching.md). Each takes --help.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     hints = typing.get_type_hints(TrainConfig)

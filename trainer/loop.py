@@ -197,7 +197,7 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         """Run the remaining epochs, test, write ``summary.json``; returns the summary."""
         wall_started = time.perf_counter()
-        self.progress.start(self.resumed_from_step)
+        self.progress.start(self.resumed_from_step, self.state)
         self.stop.install()
         try:
             while self.state.epoch < self.cfg.epochs and not self.max_steps_reached():
@@ -210,6 +210,9 @@ class Trainer:
             test = self.evaluate(self.data.test_x, self.data.test_y)
             if self.dist_env.is_main:  # before the summary, which marks the run finished
                 export_model(self.cfg, self.model, self.state, test, self.data)
+        except Exception as exc:
+            self.progress.hang.failed(exc)  # a wait for peers that failed: raises, naming who did not arrive
+            raise
         finally:
             self.stop.restore()
             self.progress.stop()

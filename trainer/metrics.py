@@ -85,7 +85,11 @@ def device_clock(device: torch.device) -> Callable[[], float]:
 
 @dataclass
 class StepTimes:
-    """Sums of per-step timings (milliseconds) over a window, plus the per-step sync samples."""
+    """Sums of per-step timings (milliseconds) over a window, plus the per-step samples.
+
+    ``merge`` carries the sums and the sync samples (the run's sync percentiles) but not the data
+    and compute samples, which serve the window's own percentiles only.
+    """
 
     steps: int = 0
     data_ms: float = 0.0
@@ -93,9 +97,13 @@ class StepTimes:
     sync_ms: float = 0.0
     step_ms: float = 0.0
     sync_samples: list[float] = field(default_factory=list)
+    data_samples: list[float] = field(default_factory=list)
+    compute_samples: list[float] = field(default_factory=list)
 
     def add(self, data_ms: float, compute_ms: float, sync_ms: float) -> None:
         self.steps += 1
+        self.data_samples.append(data_ms)
+        self.compute_samples.append(compute_ms)
         self.data_ms += data_ms
         self.compute_ms += compute_ms
         self.sync_ms += sync_ms
@@ -104,6 +112,13 @@ class StepTimes:
 
     def mean(self, name: str) -> float:
         return getattr(self, name) / self.steps if self.steps else 0.0
+
+    def percentiles(self) -> dict[str, float]:
+        """p50 and p95 of each timing over the window's steps, e.g. ``{"sync_ms_p95": ...}``."""
+        step = [d + c + s for d, c, s in zip(self.data_samples, self.compute_samples, self.sync_samples, strict=True)]
+        samples = {"step_ms": step, "data_ms": self.data_samples, "compute_ms": self.compute_samples}
+        samples["sync_ms"] = self.sync_samples
+        return {f"{name}_p{q}": percentile(values, q) for name, values in samples.items() for q in (50, 95)}
 
     def merge(self, other: StepTimes) -> None:
         """Add another window's steps to these."""

@@ -6,7 +6,10 @@ Files (under ``--run-dir``):
   and events (first step, end);
 - ``samples/rank<r>-pid<p>.jsonl``: with ``--record-samples``, the positions of every batch;
 - ``metrics.csv``: one row per epoch (rank 0);
-- ``summary.json``: the whole run (rank 0).
+- ``summary.json``: the whole run (rank 0);
+- ``platform.json``: the machine and software it ran on (rank 0; ``trainer.machine``);
+- ``tensorboard/``: with ``--tensorboard``, the curves as event files (rank 0; ``trainer.tensorboard``);
+- ``hang-rank<r>.txt``: only when a wait for peers fails (``trainer.hang``).
 
 Hazard: ``epoch_row`` and ``finish`` reduce figures across ranks, so every rank calls them at
 the same point of the run.
@@ -33,8 +36,11 @@ from trainer.collectives import reduce_max, reduce_sum
 from trainer.config import TrainConfig
 from trainer.distributed import DistEnv
 from trainer.fileio import write_json
+from trainer.hang import HangWatch
+from trainer.machine import record_platform
 from trainer.metrics import RankLog, ResourceSampler, StepTimes, peak_rss_mb, percentile, write_metrics_csv
 from trainer.model import count_parameters, params_sha256
+from trainer.tensorboard import TensorBoardLog, require_tensorboard
 
 if TYPE_CHECKING:  # the loop imports this module
     from trainer.loop import TrainState
@@ -59,10 +65,20 @@ class Progress:
         self.show_bar = dist_env.is_main and sys.stdout.isatty()
         self._first_step_done = False
         self.resumed_from_step: int | None = None
+        if cfg.tensorboard:
+            require_tensorboard()
+        self.tensorboard: TensorBoardLog | None = None
+        self.hang = HangWatch(self.run_dir, dist_env, cfg.timeout)
+        self._trained_at = (0, 0.0)  # (samples trained, training seconds) at the end of the previous window
 
-    def start(self, resumed_from_step: int | None) -> None:
-        """Begin recording a run that resumed from ``resumed_from_step`` (None: from scratch)."""
+    def start(self, resumed_from_step: int | None, state: TrainState) -> None:
+        """Begin recording a run that resumed from ``resumed_from_step`` (None: from scratch). Collective."""
         self.resumed_from_step = resumed_from_step
+        self._trained_at = (state.samples_trained, state.train_seconds)
+        record_platform(self.run_dir, self.dist_env, self.cfg.comm)
+        if self.cfg.tensorboard:
+            self.tensorboard = TensorBoardLog(self.run_dir, self.dist_env, self.device, resumed_from_step)
+        self.hang.start(state.global_step)
         if self.samples_log is not None:
             env = self.dist_env
             self.samples_log.write(
@@ -80,6 +96,9 @@ class Progress:
 
     def stop(self) -> None:
         self.sampler.stop()
+        self.hang.stop()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
     @contextmanager
     def epoch_bar(self, steps: int, epoch: int) -> Iterator[tqdm]:
@@ -91,6 +110,7 @@ class Progress:
 
     def step_done(self, state: TrainState, positions: torch.Tensor) -> None:
         """Per-step records that are off or one-off: the sample positions (debugging), the first step."""
+        self.hang.step_done(state.global_step)
         if self.samples_log is not None:
             self.samples_log.write(
                 {"step": state.global_step, "epoch": state.epoch + 1, "positions": positions.tolist()}
@@ -104,12 +124,18 @@ class Progress:
                     "time": time.time(),
                     "restarts": self.dist_env.restart_count,
                     "resumed_from_step": self.resumed_from_step,
+                    "world_size": self.dist_env.world_size,
                 }
             )
 
     def window_done(self, state: TrainState, window: StepTimes, loss: float, bar: tqdm, at_log: bool) -> None:
-        """Record a window of steps (``loss``: this rank's mean) and log it at ``--log-every`` steps."""
+        """Record a window of steps (``loss``: this rank's mean) and log it at ``--log-every`` steps.
+
+        With ``--tensorboard`` this is collective (the ranks' figures are gathered).
+        """
         self.run_times.merge(window)
+        samples, seconds = state.samples_trained - self._trained_at[0], state.train_seconds - self._trained_at[1]
+        self._trained_at = (state.samples_trained, state.train_seconds)
         record = {
             "step": state.global_step,
             "epoch": state.epoch + 1,
@@ -120,9 +146,13 @@ class Progress:
             "sync_ms": window.mean("sync_ms"),
             "cpu_percent": self.sampler.last_cpu_percent,
             "rss_mb": self.sampler.last_rss_mb,
+            "samples_per_second": samples / seconds if seconds > 0 else 0.0,
+            **window.percentiles(),
             "time": time.time(),
         }
         self.rank_log.write(record)
+        if self.tensorboard is not None:
+            self.tensorboard.window(record)
         if at_log and not self.show_bar:
             log.info(
                 "epoch %d step %d loss %.4f | step %.2f ms (data %.2f, compute %.2f, sync %.2f)",
@@ -156,6 +186,8 @@ class Progress:
             "rss_mb_total": rss_total,
         }
         state.history.append(row)
+        if self.tensorboard is not None:
+            self.tensorboard.epoch(row)
         if self.dist_env.is_main:
             write_metrics_csv(self.run_dir / "metrics.csv", state.history)
         log.info(
@@ -175,7 +207,17 @@ class Progress:
         ``test`` is the test split's (loss, accuracy); ``wall_s`` the run's wall time.
         """
         summary = self._summarize(state, model, test, wall_s)
-        self.rank_log.write({"event": "end", "step": state.global_step, "params_sha256": summary["params_sha256"]})
+        times = self.run_times.sync_samples  # this rank's own sync distribution, for the report
+        self.rank_log.write(
+            {
+                "event": "end",
+                "step": state.global_step,
+                "params_sha256": summary["params_sha256"],
+                "sync_ms_p50": percentile(times, 50),
+                "sync_ms_p95": percentile(times, 95),
+                "time": time.time(),
+            }
+        )
         self.rank_log.close()
         if self.dist_env.is_main:
             write_json(self.run_dir / "summary.json", summary)
