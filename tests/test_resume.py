@@ -24,12 +24,14 @@ from conftest import (
     wait_until,
 )
 from faults import first_steps, latest_step, metrics_rows, trained_positions, workers
+from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
 
 from trainer.checkpoint import read_checkpoint, step_of
 from trainer.config import TrainConfig
 from trainer.data import load_mnist, prepare_splits
 from trainer.distributed import DistEnv
 from trainer.model import build_model, build_optimizer
+from trainer.powersgd_state import PowerSGDMemory
 from trainer.rundir import prepare_run_dir, starts_fresh
 from trainer.sampling import epoch_permutation
 
@@ -258,3 +260,32 @@ def test_resume_is_exact_for_each_lossy_comm_option(tmp_path: Path, comm: str) -
     result = run_trainer([*COMM_ARGS, "--comm", comm, "--run-dir", str(alone), "--resume", str(checkpoint)])
     assert_ok(result)
     assert f"holds each rank's --comm {comm} state; at world size 1 it is not restored" in result.stderr
+
+
+def test_powersgd_memories_follow_their_parameters_into_another_bucket_layout() -> None:
+    """Memories saved in one bucket layout are laid out by parameter in another (DDP's first vs rebuilt order)."""
+    model = build_model(TrainConfig(hidden=(64,)))
+    state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=4, start_powerSGD_iter=2)
+    saved = PowerSGDMemory(state, model)
+    first, rebuilt = (0, 1, 2, 3), (3, 2, 1, 0)
+    saved.layouts[0] = rebuilt
+    # Compressed: the two weight matrices (64x784 and 10x64); each parameter's values are its index.
+    state.error_dict[0] = torch.cat([torch.full((saved.params[i].numel(),), float(i)) for i in rebuilt])
+    state.p_memory_dict[0] = torch.cat([torch.full((n * 4,), float(i)) for i, n in ((2, 10), (0, 64))])
+    state.q_memory_dict[0] = torch.cat([torch.full((m * 4,), float(i)) for i, m in ((2, 64), (0, 784))])
+    pieces = saved.state_dict()
+    assert set(pieces) == {0, 1, 2, 3} and {"p", "q"} <= set(pieces[0]) and "p" not in pieces[1]
+
+    restored_state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=4, start_powerSGD_iter=2)
+    restored = PowerSGDMemory(restored_state, model)
+    restored.load_state_dict(pieces, torch.device("cpu"), keep_error=True)
+    restored._place(0, first)
+    error = restored_state.error_dict[0]
+    expected = torch.cat([torch.full((restored.params[i].numel(),), float(i)) for i in first])
+    assert torch.equal(error, expected)
+    assert torch.equal(restored_state.p_memory_dict[0], torch.cat([torch.zeros(64 * 4), torch.full((40,), 2.0)]))
+    assert torch.equal(restored_state.q_memory_dict[0], torch.cat([torch.zeros(784 * 4), torch.full((256,), 2.0)]))
+
+    restored.load_state_dict(pieces, torch.device("cpu"), keep_error=False)  # another world size
+    restored._place(0, first)
+    assert 0 not in restored_state.error_dict and 0 in restored_state.p_memory_dict
