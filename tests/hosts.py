@@ -122,6 +122,9 @@ def make_hosts(count: int, workdir: Path) -> Iterator[list[Host]]:
             _ip("-n", host.netns, "addr", "add", f"{host.addr}/24", "dev", IFNAME)
             _ip("-n", host.netns, "link", "set", IFNAME, "up")
             _ip("-n", host.netns, "link", "set", "lo", "up")
+        probe = subprocess.run([*hosts[0].prefix(), "true"], capture_output=True, text=True, timeout=30)
+        if probe.returncode != 0:  # e.g. a container that may not make UTS or mount namespaces
+            raise HostsUnavailable(f"cannot enter a test host: {probe.stderr.strip()}")
         yield hosts
     finally:
         for netns in reversed(made):  # deleting a namespace deletes the veth ends inside it
