@@ -1,118 +1,86 @@
-"""Multi-node for real: two test hosts in network namespaces, one torchrun agent on each.
+"""Multi-node for real: test hosts of their own (tests/hosts.py), one torchrun agent on each.
 
-The hosts are made here (``ip netns``, a veth pair, addresses 10.77.0.1 and 10.77.0.2 of their
-own), so all traffic stays inside namespaces this test created. Needs root and iproute2; where
-the machine refuses, the tests are skipped with its reason.
+Each host has its own network, host name and ``/dev/shm``, so the trainer sees distinct hosts:
+ranks on one host sync through shared memory only if they all share it, and here they do not,
+so every gradient crosses the link through gloo. Needs root, iproute2 and util-linux; where the
+machine refuses, the tests are skipped with its reason. docs/multinode.md says more.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import Launched, assert_ok, read_summary, run_process, wait_all_ok, wait_until
+from conftest import assert_ok, read_summary, run_process, wait_all_ok, wait_until
+from hosts import Host, HostsUnavailable, make_hosts
 from launching import LAUNCH, STEPS, launch_env, read_sha
 
-SUBNET = "10.77.0"
 UNROUTED = "10.78.0.1"  # outside the hosts' only route: no packet leaves for it
-RDZV_PORT = 29400  # each namespace has ports of its own: no collision with the machine's
-
-
-@dataclass(frozen=True)
-class Host:
-    netns: str
-    ifname: str
-    addr: str
-
-    def run(self, cmd: list[str], env: dict[str, str], log: Path) -> Launched:
-        """Start ``cmd`` inside this host; gloo must use the veth, not loopback."""
-        return Launched(["ip", "netns", "exec", self.netns, *cmd], dict(env, GLOO_SOCKET_IFNAME=self.ifname), log)
-
-
-def ip(*args: str) -> None:
-    result = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
-    if result.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)}: {result.stderr.strip()}")
+RDZV_PORT = 29400  # each host has ports of its own: no collision with the machine's
 
 
 @pytest.fixture
-def hosts() -> Iterator[tuple[Host, Host]]:
-    """Two hosts joined by a veth pair, removed afterwards whatever happened."""
-    if shutil.which("ip") is None:
-        pytest.skip("the ip command is missing (Debian: apt-get install -y iproute2)")
-    tag = f"trn{os.getpid() % 100000}"
-    pair = tuple(Host(f"{tag}{side}", f"{tag}v{side}", f"{SUBNET}.{n}") for n, side in ((1, "a"), (2, "b")))
-    made: list[str] = []
+def hosts(tmp_path: Path) -> Iterator[list[Host]]:
+    """Two hosts on one link, removed afterwards whatever happened."""
     try:
-        for host in pair:
-            ip("netns", "add", host.netns)
-            made.append(host.netns)
-        ip("link", "add", pair[0].ifname, "type", "veth", "peer", "name", pair[1].ifname)
-        for host in pair:
-            ip("link", "set", host.ifname, "netns", host.netns)
-            ip("-n", host.netns, "addr", "add", f"{host.addr}/24", "dev", host.ifname)
-            ip("-n", host.netns, "link", "set", host.ifname, "up")
-            ip("-n", host.netns, "link", "set", "lo", "up")
-    except RuntimeError as exc:
-        for netns in made:
-            subprocess.run(["ip", "netns", "del", netns], capture_output=True, timeout=30)
-        reason = f"cannot make test hosts in network namespaces (root and iproute2 needed): {exc}"
+        with make_hosts(2, tmp_path) as made:
+            yield made
+    except HostsUnavailable as exc:
+        reason = f"cannot make test hosts (root, iproute2 and util-linux needed): {exc}"
         print(reason)
         pytest.skip(reason)
-    try:
-        yield pair
-    finally:
-        for netns in made:  # deleting a namespace deletes its end of the veth, and so the pair
-            subprocess.run(["ip", "netns", "del", netns], capture_output=True, timeout=30)
 
 
-def agent_env(host: Host, first: Host, nnodes: str, nproc: int, rdzv_conf: str = "", **extra: str) -> dict[str, str]:
-    """multinode.sh's variables on ``host``; ``first`` hosts the c10d rendezvous."""
-    # The hosts share this machine's name, so torchrun cannot tell from it who hosts the store.
-    is_host = f"is_host={'true' if host is first else 'false'}"
-    return launch_env(
-        NNODES=nnodes,
-        NPROC_PER_NODE=str(nproc),
-        RDZV_ENDPOINT=f"{first.addr}:{RDZV_PORT}",
-        RDZV_CONF=f"{is_host},{rdzv_conf}" if rdzv_conf else is_host,
-        LOCAL_ADDR=host.addr,
-        **extra,
-    )
+def agent_env(first: Host, nnodes: str, nproc: int, rdzv_conf: str = "", **extra: str) -> dict[str, str]:
+    """multinode.sh's variables; ``first`` hosts the c10d rendezvous.
+
+    The endpoint is a host name: each host resolves it, and the host it names recognises
+    itself (torchrun compares it with its own name), so no ``is_host`` or ``LOCAL_ADDR`` is set.
+    """
+    env = launch_env(NNODES=nnodes, NPROC_PER_NODE=str(nproc), RDZV_ENDPOINT=f"{first.name}:{RDZV_PORT}", **extra)
+    if rdzv_conf:
+        env["RDZV_CONF"] = rdzv_conf
+    return env
 
 
-def test_two_hosts_train_like_one(tmp_path: Path, hosts: tuple[Host, Host]) -> None:
-    """Two processes per host, so ranks talk both within a host and across the link."""
+def sync_paths(logs: str) -> dict[int, str]:
+    """Rank -> the gradient sync it logged (``--log-all-ranks``)."""
+    return {int(rank): option for rank, option in re.findall(r"\[rank (\d+)\] \w+ gradient sync: (\w+)", logs)}
+
+
+def test_two_hosts_train_like_one(tmp_path: Path, hosts: list[Host]) -> None:
+    """Two processes per host; no host holds all ranks, so every rank syncs with gloo over the link.
+
+    The reference is one host at the same world size with ``--comm gloo``: the same all-reduce
+    over four ranks (and one thread per rank), so the weights must match bit for bit.
+    """
     nproc = 2
     world_size = 2 * nproc
     local = tmp_path / "one-host"
-    cmd = [str(LAUNCH / "local.sh"), *STEPS, "--run-dir", str(local)]
+    cmd = [str(LAUNCH / "local.sh"), *STEPS, "--comm", "gloo", "--run-dir", str(local)]
     assert_ok(run_process(cmd, launch_env(NPROC=str(world_size))))
 
     run_dir = tmp_path / "two-hosts"
+    args = [*STEPS, "--log-all-ranks", "--run-dir", str(run_dir)]
     agents = [
-        host.run(
-            [str(LAUNCH / "multinode.sh"), *STEPS, "--run-dir", str(run_dir)],
-            agent_env(host, hosts[0], "2", nproc),
-            tmp_path / f"{host.netns}.log",
-        )
+        host.run([str(LAUNCH / "multinode.sh"), *args], agent_env(hosts[0], "2", nproc), tmp_path / f"{host.name}.log")
         for host in hosts
     ]
     wait_all_ok(agents, 240)
-    logs = agents[0].output() + agents[1].output()
+    logs = [agent.output() for agent in agents]
     summary = read_summary(run_dir)
     assert (summary["world_size"], summary["global_step"]) == (world_size, 30)
+    assert sync_paths(logs[0] + logs[1]) == dict.fromkeys(range(world_size), "gloo")
+    assert "auto: shared memory unavailable" in logs[0] + logs[1]
+    for log in logs:  # each host ran only its share of the ranks
+        assert len(re.findall(rf"rank \d of {world_size} \(local \d of {nproc}\)", log)) == nproc
     assert summary["params_sha256"] == read_sha(local)
-    assert f"rank 0 of {world_size} (local 0 of {nproc})" in logs  # each host ran only its share of the ranks
 
 
-def test_unreachable_master_addr(tmp_path: Path, hosts: tuple[Host, Host]) -> None:
+def test_unreachable_master_addr(tmp_path: Path, hosts: list[Host]) -> None:
     """Rank 1 on the first host, pointed at an address its host has no route to."""
     env = launch_env(RANK="1", WORLD_SIZE="2", MASTER_ADDR=UNROUTED, MASTER_PORT="29500")
     args = [*STEPS, "--run-dir", str(tmp_path / "run"), "--timeout", "5"]
@@ -127,14 +95,14 @@ def test_unreachable_master_addr(tmp_path: Path, hosts: tuple[Host, Host]) -> No
     assert "(Network is unreachable)" in last, last
 
 
-def test_survivor_finishes_alone_from_the_checkpoint(tmp_path: Path, hosts: tuple[Host, Host]) -> None:
+def test_survivor_finishes_alone_from_the_checkpoint(tmp_path: Path, hosts: list[Host]) -> None:
     run_dir, steps = tmp_path / "run", 1500  # two epochs at world size 2: the kill lands mid-run
     args = ["--max-steps", str(steps), "--epochs", "5", "--log-every", "10", "--checkpoint-every", "20"]
     agents = [
         host.run(
             [str(LAUNCH / "multinode.sh"), *args, "--run-dir", str(run_dir), "--timeout", "30"],
-            agent_env(host, hosts[0], "1:2", 1, rdzv_conf="last_call_timeout=2", MAX_RESTARTS="3"),
-            tmp_path / f"{host.netns}.log",
+            agent_env(hosts[0], "1:2", 1, rdzv_conf="last_call_timeout=2", MAX_RESTARTS="3"),
+            tmp_path / f"{host.name}.log",
         )
         for host in hosts
     ]

@@ -80,16 +80,11 @@ def test_all_ranks_end_with_identical_parameters(torchrun_run: tuple[Path, subpr
     assert ends[0]["params_sha256"] == ends[1]["params_sha256"] == read_summary(run_dir)["params_sha256"]
 
 
-def test_threads_are_split_between_local_ranks(torchrun_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
-    _, result = torchrun_run
-    assert re.search(r"rank 0 of 2 \(local 0 of 2\), device cpu, backend gloo, 1 threads", result.stderr)
+def run_by_hand(args: list[str], omp_threads: str | None) -> list[str]:
+    """Two processes started with exported RANK/WORLD_SIZE/... (no launcher); returns their stderr.
 
-
-def test_exported_variables_match_torchrun(
-    tmp_path: Path, torchrun_run: tuple[Path, subprocess.CompletedProcess[str]]
-) -> None:
-    """Two processes started by hand with RANK/WORLD_SIZE/... train the same model as torchrun."""
-    run_dir = tmp_path / "by-hand"
+    ``omp_threads`` None leaves OMP_NUM_THREADS unset, as no launcher sets it here.
+    """
     port = str(free_port())
     procs = []
     for rank in (0, 1):
@@ -100,15 +95,42 @@ def test_exported_variables_match_torchrun(
             LOCAL_WORLD_SIZE="2",
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=port,
-            OMP_NUM_THREADS="1",
         )
-        cmd = [sys.executable, "-m", "trainer", *QUICK, *STEPS, "--run-dir", str(run_dir)]
+        env.pop("OMP_NUM_THREADS", None)
+        if omp_threads is not None:
+            env["OMP_NUM_THREADS"] = omp_threads
+        cmd = [sys.executable, "-m", "trainer", *args]
         procs.append(
             subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         )
     outputs = [proc.communicate(timeout=180) for proc in procs]
     for proc, (_, err) in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, err[-3000:]
+    return [err for _, err in outputs]
+
+
+def test_threads_are_split_between_local_ranks(
+    tmp_path: Path, torchrun_run: tuple[Path, subprocess.CompletedProcess[str]]
+) -> None:
+    """torchrun sets OMP_NUM_THREADS=1 for several local processes; without it the trainer splits the CPUs."""
+    _, result = torchrun_run
+    assert re.search(
+        r"rank 0 of 2 \(local 0 of 2\), device cpu, backend gloo, 1 threads \(OMP_NUM_THREADS\)", result.stderr
+    )
+
+    cpus = len(os.sched_getaffinity(0))
+    args = ["--max-steps", "2", "--hidden", "64", "--log-all-ranks", "--run-dir", str(tmp_path / "run")]
+    for rank, err in enumerate(run_by_hand(args, omp_threads=None)):
+        split = f"{max(1, cpus // 2)} threads ({cpus} cpus // 2 local processes)"
+        assert f"[rank {rank}] INFO rank {rank} of 2 (local {rank} of 2), device cpu, backend gloo, {split}" in err
+
+
+def test_exported_variables_match_torchrun(
+    tmp_path: Path, torchrun_run: tuple[Path, subprocess.CompletedProcess[str]]
+) -> None:
+    """Two processes started by hand with RANK/WORLD_SIZE/... train the same model as torchrun."""
+    run_dir = tmp_path / "by-hand"
+    run_by_hand([*QUICK, *STEPS, "--run-dir", str(run_dir)], omp_threads="1")
     assert read_summary(run_dir)["params_sha256"] == read_summary(torchrun_run[0])["params_sha256"]
 
 

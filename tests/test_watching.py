@@ -16,12 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, Launched, assert_ok, clean_env, run_process, run_trainer, torchrun_cmd, wait_until
+from conftest import REPO, Launched, assert_ok, clean_env, run_process, run_trainer, wait_until
 from faults import latest_step, records, workers
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from trainer.distributed import DistEnv
+from trainer.jobs import torchrun_command
 from trainer.tensorboard import TIMINGS, TensorBoardLog
 
 # 500 samples a step at any world size: 96 steps an epoch; a narrow model keeps it quick.
@@ -43,7 +44,7 @@ def resumed_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("watching")
     run_dir = tmp / "run"
     args = [*ARGS, "--run-dir", str(run_dir)]
-    two = Launched(torchrun_cmd(2, args), clean_env(), tmp / "two.log")
+    two = Launched(torchrun_command(2, "trainer", args), clean_env(), tmp / "two.log")
     wait_until(lambda: latest_step(run_dir) >= 20, 180, "step 20", two)
     workers(two.pid)[0].send_signal(signal.SIGTERM)
     assert two.wait(120) != 0
@@ -197,7 +198,7 @@ def test_a_stopped_rank_leaves_hang_files_that_name_it(tmp_path: Path, nproc: in
     run_dir = tmp_path / "run"
     args = ["--hidden", "64", "--batch-size", "50", "--epochs", "1", "--log-every", "5", "--timeout", "10"]
     args += ["--comm", comm, "--run-dir", str(run_dir)]
-    job = Launched(torchrun_cmd(nproc, args), clean_env(), tmp_path / "torchrun.log")
+    job = Launched(torchrun_command(nproc, "trainer", args), clean_env(), tmp_path / "torchrun.log")
     wait_until(lambda: latest_step(run_dir) >= 10, 180, "step 10", job)
     stopped = workers(job.pid)[victim]
     stopped.send_signal(signal.SIGSTOP)

@@ -25,6 +25,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -34,8 +35,10 @@ from torch.distributed.algorithms.model_averaging.averagers import PeriodicModel
 from torch.nn.parallel import DistributedDataParallel
 
 from trainer import shm
+from trainer.checkpoint import numpy_rng_from_plain, numpy_rng_to_plain
 from trainer.config import COMM_OPTIONS
 from trainer.metrics import device_clock
+from trainer.powersgd_state import PowerSGDMemory
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +180,9 @@ class Comm:
         self.clock = clock  # trainer.metrics.device_clock: on CUDA it waits for the averaging to run
         self.shm_sync: ShmGradientSync | None = None
         self.averager: PeriodicModelAverager | None = None
+        self.powersgd: powerSGD_hook.PowerSGDState | None = None
+        self.powersgd_memory: PowerSGDMemory | None = None  # its per-bucket memories, checkpointed per parameter
+        self.localsgd: post_localSGD_hook.PostLocalSGDState | None = None
 
     def take_ms(self) -> float:
         return self.timer.take_ms()
@@ -199,6 +205,64 @@ class Comm:
         for p in model.parameters():
             p.copy_(flat[offset : offset + p.numel()].view_as(p))
             offset += p.numel()
+
+    @property
+    def per_rank_state(self) -> bool:
+        """Whether this option keeps state that differs between ranks, so that exact resume needs every rank's.
+
+        PowerSGD's error feedback is each rank's own residual; under local SGD each rank's
+        parameters and momentum drift apart between averages.
+        """
+        return self.powersgd is not None or self.averager is not None
+
+    @property
+    def replicas_differ(self) -> bool:
+        """Whether ranks' parameters and optimiser state may differ at a checkpoint (local SGD)."""
+        return self.averager is not None
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's state of the option, as tensors and plain values (``weights_only`` loading takes it).
+
+        PowerSGD: its step count, its RNG (the seeds of new projections), the warm-start P and Q
+        of each bucket and this rank's error feedback. Local SGD: the hook's and the averager's
+        step counts (the model and optimiser are the trainer's to save).
+        """
+        state: dict[str, Any] = {"option": self.option}
+        if self.powersgd is not None and self.powersgd_memory is not None:
+            ps = self.powersgd
+            state["powersgd"] = {
+                "iter": ps.iter,
+                "rng": numpy_rng_to_plain(ps.rng.get_state()),
+                "memory": self.powersgd_memory.state_dict(),
+                "numel_before": ps.total_numel_before_compression,
+                "numel_after": ps.total_numel_after_compression,
+                "next_stats_report": ps.next_stats_report,
+            }
+        if self.localsgd is not None and self.averager is not None:
+            state["localsgd"] = {"iter": self.localsgd.iter, "averager_step": self.averager.step}
+        return state
+
+    def load_state_dict(self, state: dict[str, Any], own: bool, device: torch.device) -> list[str]:
+        """Restore ``state``: this rank's own when ``own``, else another rank's (the world size changed).
+
+        Returns what could not be restored, for the log: state that is per rank is reset when
+        ``own`` is false, since no rank of another world size continues a saved rank's residual.
+        """
+        reset = []
+        if self.powersgd is not None and self.powersgd_memory is not None and "powersgd" in state:
+            ps, saved = self.powersgd, state["powersgd"]
+            ps.iter = saved["iter"]
+            ps.rng.set_state(numpy_rng_from_plain(saved["rng"]))
+            ps.total_numel_before_compression = saved["numel_before"]
+            ps.total_numel_after_compression = saved["numel_after"]
+            ps.next_stats_report = saved["next_stats_report"]
+            self.powersgd_memory.load_state_dict(saved["memory"], device, keep_error=own)
+            if not own:
+                reset.append("PowerSGD's error feedback (each rank's residual) starts again from zero")
+        if self.localsgd is not None and self.averager is not None and "localsgd" in state:
+            self.localsgd.iter = state["localsgd"]["iter"]
+            self.averager.step = state["localsgd"]["averager_step"]
+        return reset
 
     def close(self) -> None:
         if self.shm_sync is not None:
@@ -276,18 +340,21 @@ def wrap_model(
             matrix_approximation_rank=POWERSGD_RANK,
             start_powerSGD_iter=POWERSGD_START_ITER if warmup_steps is None else warmup_steps,
         )
-        hook = functools.partial(powerSGD_hook.powerSGD_hook, state)
+        result.powersgd = state
+        result.powersgd_memory = PowerSGDMemory(state, model)
+        hook = functools.partial(result.powersgd_memory.hook, state)
     else:  # localsgd
         # No subgroup all-reduce after the switch: on one host the "local" subgroup would be the
         # whole world, and its default (new_subgroups) needs CUDA. Averaging does the syncing.
         start = LOCALSGD_START_ITER if warmup_steps is None else warmup_steps
-        state = post_localSGD_hook.PostLocalSGDState(
+        localsgd = post_localSGD_hook.PostLocalSGDState(
             process_group=group,
             subgroup=None,
             start_localSGD_iter=start,
             post_local_gradient_allreduce=False,
         )
-        hook = functools.partial(post_localSGD_hook.post_localSGD_hook, state)
+        hook = functools.partial(post_localSGD_hook.post_localSGD_hook, localsgd)
+        result.localsgd = localsgd
         result.averager = PeriodicModelAverager(period=LOCALSGD_PERIOD, warmup_steps=start)
     ddp.register_comm_hook(None, result.timer.timed(hook))
     log.log(_level(comm, option), "gradient sync: %s (%s)", option, why)

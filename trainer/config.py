@@ -60,6 +60,11 @@ class TrainConfig:
         "localsgd send less but change the arithmetic (see trainer/comm.py).",
         COMM_OPTIONS,
     )
+    comm_warmup_steps: int | None = _opt(
+        None,
+        "Exact (all-reduced) steps before powersgd starts compressing or localsgd starts averaging "
+        "periodically; unset means 100 (trainer/comm.py). At least 2: PowerSGD needs two exact steps first.",
+    )
     device: str = _opt("auto", "Device; auto picks CUDA when available.", ("auto", "cpu", "cuda"))
     timeout: float = _opt(120.0, "Seconds a collective may wait for a peer before the run fails instead of hanging.")
     log_every: int = _opt(
@@ -100,6 +105,7 @@ class TrainConfig:
             (0 < self.val_fraction < 1, "--val-fraction must be between 0 and 1, e.g. 0.2"),
             (self.max_steps is None or self.max_steps >= 1, "--max-steps must be at least 1"),
             (self.timeout > 0, "--timeout must be positive"),
+            (self.comm_warmup_steps is None or self.comm_warmup_steps >= 2, "--comm-warmup-steps must be at least 2"),
             (self.log_every >= 1, "--log-every must be at least 1"),
             (self.global_batch_size is None or self.global_batch_size >= 1, "--global-batch-size must be at least 1"),
             (self.checkpoint_every >= 1, "--checkpoint-every must be at least 1"),

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from trainer.checkpoint import FORMAT, capture_rng, restore_rng, save_checkpoint
@@ -63,7 +64,9 @@ class Trainer:
             )
         self.model = build_model(cfg).to(device)
         # What the step calls: the model itself, or DDP around it; ``comm`` syncs and times the gradients.
-        self.forward, self.comm = wrap_model(self.model, device, dist_env.distributed, cfg.comm, cfg.timeout)
+        self.forward, self.comm = wrap_model(
+            self.model, device, dist_env.distributed, cfg.comm, cfg.timeout, warmup_steps=cfg.comm_warmup_steps
+        )
         self.optimizer = build_optimizer(cfg, self.model)
         self.state = TrainState()
         self.resumed_from_step: int | None = None
@@ -239,6 +242,56 @@ class Trainer:
         self.state = TrainState(**payload["train_state"])
         restore_rng(payload["rng"])
         self.resumed_from_step = self.state.global_step
+        self.load_rank_state(payload.get("per_rank"))
+
+    def rank_state(self) -> dict[str, Any]:
+        """This rank's own state under a ``--comm`` option that keeps per-rank state (``Comm.per_rank_state``):
+        the option's state and, where replicas differ (local SGD), this rank's model and optimiser."""
+        assert self.comm is not None
+        state: dict[str, Any] = {"comm": self.comm.state_dict()}
+        if self.comm.replicas_differ:
+            state["model"] = self.model.state_dict()
+            state["optimizer"] = self.optimizer.state_dict()
+        return state
+
+    def load_rank_state(self, saved: list[dict[str, Any]] | None) -> None:
+        """Give each rank its own saved state (``rank_state``) back; at another world size, say what is reset."""
+        if saved is None:
+            return
+        saved_option = saved[0]["comm"]["option"]
+        if self.comm is None:
+            log.warning(
+                "the checkpoint holds each rank's --comm %s state; at world size 1 it is not restored (the run "
+                "continues from rank 0's model and optimiser state)",
+                saved_option,
+            )
+            return
+        option = self.comm.option
+        if option != saved_option:
+            log.warning(
+                "the checkpoint holds each rank's --comm %s state; it does not apply to --comm %s at world size %d "
+                "and is not restored",
+                saved_option,
+                option,
+                self.dist_env.world_size,
+            )
+            return
+        own = len(saved) == self.dist_env.world_size
+        mine = saved[self.dist_env.rank] if own else saved[0]
+        reset = self.comm.load_state_dict(mine["comm"], own, self.device)
+        if own and "model" in mine:
+            self.model.load_state_dict(mine["model"])
+            self.optimizer.load_state_dict(mine["optimizer"])
+        elif "model" in mine:
+            reset.append("every rank continues from rank 0's local SGD replica and optimiser state")
+        if reset:
+            log.warning(
+                "resuming --comm %s at world size %d from world size %d is not exact: %s",
+                option,
+                self.dist_env.world_size,
+                len(saved),
+                "; ".join(reset),
+            )
 
     def write_checkpoint(self, val_accuracy: float | None = None) -> None:
         """Rank 0 writes the checkpoint of the current step; the others go straight on.
@@ -246,17 +299,29 @@ class Trainer:
         ``val_accuracy``: the validation accuracy of an epoch-end checkpoint, which makes it a
         candidate for the best checkpoint.
 
-        No collective is involved, so a peer that died cannot hang the write. A failed write
-        (full disk, say) is a warning: training goes on and the earlier checkpoints stay.
+        For most options no collective is involved, so a peer that died cannot hang the write.
+        A failed write (full disk, say) is a warning: training goes on and the earlier
+        checkpoints stay.
         """
+        per_rank = None
+        if self.comm is not None and self.comm.per_rank_state:
+            # Only for --comm powersgd and localsgd, whose state differs between ranks: rank 0
+            # gathers every rank's. A collective (every rank checkpoints at the same step); a
+            # dead peer fails it after --timeout instead of hanging.
+            gathered: list[Any] | None = [None] * self.dist_env.world_size if self.dist_env.is_main else None
+            dist.gather_object(self.rank_state(), gathered, dst=0)
+            per_rank = gathered
         if not self.dist_env.is_main:
             return
         started = time.perf_counter()
+        payload = self.state_dict()
+        if per_rank is not None:
+            payload["per_rank"] = per_rank
         try:
             path = save_checkpoint(
                 self.cfg.checkpoint_root,
                 self.state.global_step,
-                self.state_dict(),
+                payload,
                 self.cfg.keep_checkpoints,
                 val_accuracy=val_accuracy,
             )

@@ -1,0 +1,131 @@
+"""Test hosts on one machine: each is a network, UTS and mount namespace of its own.
+
+To the trainer (and to torchrun, gloo, Slurm) a host is what ``hostname``, the network and
+``/dev/shm`` say, so each test host gets:
+
+- a network namespace with one interface ``eth0`` and an address ``10.77.0.N/24``, plugged
+  into a bridge that lives in a "switch" namespace of its own (any number of hosts, and no
+  interface or route is added to the machine's own namespace);
+- a host name ``node0``, ``node1``, ... (UTS namespace), so the trainer's shared-memory path
+  (``trainer.shm.host_key``) sees distinct hosts and gradients cross the link through gloo;
+- a private mount namespace with its own empty ``/dev/shm`` (tmpfs) and an ``/etc/hosts`` that
+  names every test host, so host names resolve as on a cluster (torchrun finds by itself which
+  node hosts the rendezvous).
+
+The PID namespace, the file systems other than ``/dev/shm`` and ``/etc/hosts`` (so run
+directories are "shared storage") and the boot are the machine's.
+
+Reuse: ``make_hosts(n, workdir)`` makes them and removes them afterwards; ``Host.prefix()`` is
+the command prefix that runs a command "on" a host (for daemons started some other way), and
+``Host.run`` starts one as a ``Launched``. Needs root and iproute2; ``HostsUnavailable`` says why
+not where the machine refuses.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from conftest import Launched
+
+SUBNET = "10.77.0"  # namespaces have addresses of their own: no clash with the machine's or other tests'
+IFNAME = "eth0"  # every host's link, named as on a real machine (each namespace has its own names)
+
+# Run on the host: set the host name, mount a private /dev/shm and /etc/hosts, then exec the command.
+_ENTER = (
+    'hostname "$0" && mount -t tmpfs -o mode=1777 tmpfs /dev/shm && mount --bind "$1" /etc/hosts && shift && exec "$@"'
+)
+
+
+class HostsUnavailable(RuntimeError):
+    """The machine refused to make namespaces (not root, no iproute2 or util-linux, a sandbox)."""
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str  # its host name, resolvable on every test host
+    netns: str  # the network namespace under /var/run/netns
+    addr: str
+    hosts_file: Path  # the /etc/hosts the host sees
+
+    def prefix(self) -> list[str]:
+        """The command prefix that runs a command on this host: ``[*host.prefix(), "slurmd", "-D"]``.
+
+        nsenter, not ``ip netns exec``, which would remount /sys; the UTS and mount namespaces
+        are new for every command, and alike for all of one host's commands.
+        """
+        return [
+            "nsenter",
+            f"--net=/var/run/netns/{self.netns}",
+            "--",
+            "unshare",
+            "--uts",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            _ENTER,
+            self.name,
+            str(self.hosts_file),
+        ]
+
+    def env(self, env: dict[str, str]) -> dict[str, str]:
+        """``env`` for a process on this host: gloo must use the link, not the loopback."""
+        return dict(env, GLOO_SOCKET_IFNAME=IFNAME)
+
+    def run(self, cmd: Sequence[str], env: dict[str, str], log: Path) -> Launched:
+        """Start ``cmd`` on this host, its output in ``log``."""
+        return Launched([*self.prefix(), *cmd], self.env(env), log)
+
+
+def _ip(*args: str) -> None:
+    result = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    if result.returncode != 0:
+        raise HostsUnavailable(f"ip {' '.join(args)}: {result.stderr.strip()}")
+
+
+@contextmanager
+def make_hosts(count: int, workdir: Path) -> Iterator[list[Host]]:
+    """``count`` hosts on one link, removed afterwards whatever happened.
+
+    Names are unique to this process, so several test sessions can make hosts at once.
+    """
+    missing = [tool for tool in ("ip", "nsenter", "unshare") if shutil.which(tool) is None]
+    if missing:
+        raise HostsUnavailable(f"{', '.join(missing)} missing (Debian: apt-get install -y iproute2 util-linux)")
+    tag = f"trn{os.getpid() % 100000}"
+    switch = f"{tag}sw"
+    hosts_file = workdir / "hosts"
+    hosts = [Host(f"node{i}", f"{tag}n{i}", f"{SUBNET}.{i + 1}", hosts_file) for i in range(count)]
+    hosts_file.write_text("127.0.0.1 localhost\n" + "".join(f"{h.addr} {h.name}\n" for h in hosts))
+    made: list[str] = []
+    try:
+        _ip("netns", "add", switch)
+        made.append(switch)
+        _ip("-n", switch, "link", "add", "br0", "type", "bridge")
+        _ip("-n", switch, "link", "set", "br0", "up")
+        for i, host in enumerate(hosts):
+            _ip("netns", "add", host.netns)
+            made.append(host.netns)
+            port = f"port{i}"
+            # Both ends are made in the switch; one moves to the host and is renamed there.
+            _ip("-n", switch, "link", "add", port, "type", "veth", "peer", "name", f"host{i}")
+            _ip("-n", switch, "link", "set", f"host{i}", "netns", host.netns)
+            _ip("-n", host.netns, "link", "set", f"host{i}", "name", IFNAME)
+            _ip("-n", switch, "link", "set", port, "master", "br0", "up")
+            _ip("-n", host.netns, "addr", "add", f"{host.addr}/24", "dev", IFNAME)
+            _ip("-n", host.netns, "link", "set", IFNAME, "up")
+            _ip("-n", host.netns, "link", "set", "lo", "up")
+        probe = subprocess.run([*hosts[0].prefix(), "true"], capture_output=True, text=True, timeout=30)
+        if probe.returncode != 0:  # e.g. a container that may not make UTS or mount namespaces
+            raise HostsUnavailable(f"cannot enter a test host: {probe.stderr.strip()}")
+        yield hosts
+    finally:
+        for netns in reversed(made):  # deleting a namespace deletes the veth ends inside it
+            subprocess.run(["ip", "netns", "del", netns], capture_output=True, timeout=30)
