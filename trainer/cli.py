@@ -107,7 +107,7 @@ def run_locked(cfg: TrainConfig, dist_env: DistEnv, device: torch.device) -> dic
     if cfg.download and dist_env.local_rank == 0:
         download_mnist(cfg.data_dir or "")
     barrier()  # the download is complete before any rank reads it
-    data = load_mnist(cfg.data_dir)  # bad data fails here, before the run directory is touched
+    data = load_mnist(cfg.data_dir)  # bad data fails here, before anything but the lock file is written
     if dist_env.is_main:
         prepare_run_dir(cfg, fresh, dist_env.run_id)
         write_json(run_dir / "config.json", cfg.to_dict())

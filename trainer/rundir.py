@@ -172,7 +172,8 @@ def prepare_run_dir(cfg: TrainConfig, fresh: bool, run_id: str | None) -> None:
         raise UsageError(f"cannot create --run-dir {run_dir} ({exc.strerror}); pass a writable directory") from None
     summary = run_dir / "summary.json"
     if not fresh and summary.exists():
-        step = json.loads(summary.read_text()).get("global_step", 0)
+        trained = final_position(cfg.checkpoint_root)
+        step = trained.step if trained else 0
         summary.rename(run_dir / SEGMENT_SUMMARY.format(step=step))
         log.info("continuing the finished run from step %d: --epochs/--max-steps now ask for more", step)
 
