@@ -89,7 +89,9 @@ class Trainer:
         loaded = self.clock()
         loss = F.cross_entropy(self.forward(inputs), targets)
         self.optimizer.zero_grad(set_to_none=True)
-        poison_nonfinite(loss).backward()  # ends with the gradient sync of the --comm option
+        # Ends with the gradient sync of the --comm option; a non-finite loss on any rank makes the
+        # synced gradients non-finite on every rank (trainer/guard.py), so all ranks skip or stop together.
+        poison_nonfinite(loss).backward()
         if self.step_is_finite():
             self.optimizer.step()
             if self.comm is not None:
