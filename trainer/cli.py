@@ -26,9 +26,11 @@ from trainer.distributed import (
 )
 from trainer.errors import UsageError
 from trainer.fileio import write_json
+from trainer.guard import DIVERGED_EXIT_CODE, Diverged
 from trainer.logs import setup_logging
 from trainer.loop import Trainer
 from trainer.rundir import check_run_dir, finished_run, prepare_run_dir, starts_fresh
+from trainer.runlock import RunLock
 from trainer.signals import StopRequested
 
 log = logging.getLogger("trainer")
@@ -74,6 +76,22 @@ def log_resume(path: Path, payload: dict, trainer: Trainer) -> None:
 
 
 def run(cfg: TrainConfig, dist_env: DistEnv, device: torch.device) -> dict | None:
+    """Hold the run directory for this job (before anything there changes), then prepare and train."""
+    lock = RunLock(cfg)
+    reason = None
+    if dist_env.is_main:
+        try:
+            lock.acquire(dist_env)
+        except UsageError as exc:
+            reason = str(exc)
+    try:
+        agree_to_start(reason, device)
+        return run_locked(cfg, dist_env, device)
+    finally:
+        lock.release()
+
+
+def run_locked(cfg: TrainConfig, dist_env: DistEnv, device: torch.device) -> dict | None:
     """Prepare or resume the run on an initialised process group (or none at world size 1), then train."""
     run_dir = Path(cfg.run_dir)
     fresh = starts_fresh(cfg, dist_env)
@@ -89,7 +107,7 @@ def run(cfg: TrainConfig, dist_env: DistEnv, device: torch.device) -> dict | Non
     if cfg.download and dist_env.local_rank == 0:
         download_mnist(cfg.data_dir or "")
     barrier()  # the download is complete before any rank reads it
-    data = load_mnist(cfg.data_dir)  # bad data fails here, before the run directory is touched
+    data = load_mnist(cfg.data_dir)  # bad data fails here, before anything but the lock file is written
     if dist_env.is_main:
         prepare_run_dir(cfg, fresh, dist_env.run_id)
         write_json(run_dir / "config.json", cfg.to_dict())
@@ -156,6 +174,9 @@ def train_main(argv: Sequence[str]) -> None:
         except StopRequested as stop:
             log.warning("%s; exiting with %d so the launcher knows the run is unfinished", stop, stop.exit_code)
             raise SystemExit(stop.exit_code) from None
+        except Diverged as exc:
+            print(f"trainer: error: {exc}", file=sys.stderr)
+            raise SystemExit(DIVERGED_EXIT_CODE) from None
         finally:
             destroy_process_group()
     except UsageError as exc:

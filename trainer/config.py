@@ -88,6 +88,12 @@ class TrainConfig:
         "auto: continue from the newest valid checkpoint in --checkpoint-dir if there is one; never: refuse to "
         "start over existing checkpoints; or the path of a checkpoint (.pt) to continue from.",
     )
+    on_nonfinite: str = _opt(
+        "stop",
+        "When a loss or gradient is NaN or Inf on any rank: stop (exit 3, naming the step and the newest good "
+        "checkpoint) or skip that step's update and go on (counted in summary.json).",
+        ("stop", "skip"),
+    )
     record_samples: bool = _opt(
         False, "Debugging: each process writes the training-split positions of every batch it trains on."
     )

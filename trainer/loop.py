@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from trainer.checkpoint import FORMAT, capture_rng, restore_rng, save_checkpoint
-from trainer.collectives import barrier, reduce_sum
+from trainer.collectives import any_rank, barrier, reduce_sum
 from trainer.comm import wrap_model
 from trainer.config import TrainConfig
 from trainer.data import RunData
@@ -22,6 +22,7 @@ from trainer.distributed import DistEnv
 from trainer.errors import UsageError
 from trainer.evaluation import loss_and_correct
 from trainer.export import export_model
+from trainer.guard import Diverged, all_finite, grads_finite, poison_nonfinite
 from trainer.metrics import StepTimes, device_clock
 from trainer.model import INPUT_SIZE, NUM_CLASSES, build_model, build_optimizer, count_parameters
 from trainer.progress import Progress
@@ -48,6 +49,7 @@ class TrainState:
     train_seconds: float = 0.0  # training time of the whole run (evaluation excluded)
     samples_trained: int = 0  # global samples trained on in the whole run
     history: list[dict[str, Any]] = field(default_factory=list)  # one metrics row per epoch
+    skipped_steps: int = 0  # steps whose update --on-nonfinite skip dropped (non-finite loss or gradient)
 
 
 class Trainer:
@@ -90,14 +92,37 @@ class Trainer:
         loaded = self.clock()
         loss = F.cross_entropy(self.forward(inputs), targets)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # ends with the gradient sync of the --comm option
-        self.optimizer.step()
-        if self.comm is not None:
-            self.comm.after_step(self.model.parameters())
+        # Ends with the gradient sync of the --comm option; a non-finite loss on any rank makes the
+        # synced gradients non-finite on every rank (trainer/guard.py), so all ranks skip or stop together.
+        poison_nonfinite(loss).backward()
+        if self.step_is_finite():
+            self.optimizer.step()
+            if self.comm is not None:
+                self.comm.after_step(self.model.parameters())
+        else:
+            loss = torch.zeros_like(loss)  # the skipped step adds nothing to the epoch's loss
         finished = self.clock()
         sync_ms = self.comm.take_ms() if self.comm is not None else 0.0
         times.add((loaded - started) * 1e3, (finished - loaded) * 1e3 - sync_ms, sync_ms)
         return loss.detach()
+
+    def step_is_finite(self) -> bool:
+        """Whether this step's synced gradients are finite, the same verdict on every rank (trainer/guard.py).
+
+        A non-finite step raises ``Diverged`` under ``--on-nonfinite stop``; under ``skip`` it is
+        counted and the caller leaves the weights and the optimiser state as they were.
+        """
+        finite = grads_finite(self.model.parameters())
+        if self.comm is not None and self.comm.option == "localsgd":  # gradients not averaged: vote
+            finite = not any_rank(not finite, self.device)
+        if finite:
+            return True
+        step = self.state.global_step + 1
+        if self.cfg.on_nonfinite == "stop":
+            raise Diverged(step, self.cfg.checkpoint_root)
+        self.state.skipped_steps += 1
+        self.progress.step_skipped(step)
+        return False
 
     # -- one epoch ----------------------------------------------------------------------
     def run_epoch(self) -> bool:
@@ -116,7 +141,9 @@ class Trainer:
             world_size=env.world_size,
             rank=env.rank,
         )
-        window, window_loss = StepTimes(), torch.zeros((), device=self.device)
+        # float64: float32 losses add up exactly, so the epoch loss does not depend on where the
+        # windows fell (a run continued from --max-steps has one boundary more than an uninterrupted one).
+        window, window_loss = StepTimes(), torch.zeros((), dtype=torch.float64, device=self.device)
         steps_done = 0
         mark = time.perf_counter()
         with self.progress.epoch_bar(plan.steps, state.epoch) as bar:
@@ -135,9 +162,9 @@ class Trainer:
                     continue
                 mark = self._add_time(mark)
                 stop = self._end_window(window, window_loss, bar, at_log)
-                window, window_loss = StepTimes(), torch.zeros((), device=self.device)
-                # The epoch's last step gets its checkpoint after evaluation, in ``train``.
-                if stop or (at_checkpoint and not last):
+                window, window_loss = StepTimes(), torch.zeros((), dtype=torch.float64, device=self.device)
+                # The epoch's last step and the --max-steps step get theirs after evaluation, in ``train``.
+                if stop or (at_checkpoint and not (last or self.max_steps_reached())):
                     self.write_checkpoint()
                     mark = time.perf_counter()
                 if stop:
@@ -206,10 +233,12 @@ class Trainer:
             while self.state.epoch < self.cfg.epochs and not self.max_steps_reached():
                 complete = self.run_epoch()
                 self.finish_epoch(complete)
+                # Also at --max-steps: a finished run can be continued from it when the budget grows.
+                # An epoch-end checkpoint is a candidate for the best one.
+                self.write_checkpoint(val_accuracy=self.state.history[-1]["val_accuracy"] if complete else None)
                 if not complete:
                     log.info("stopped at --max-steps %d, inside epoch %d", self.cfg.max_steps, self.state.epoch + 1)
                     break
-                self.write_checkpoint(val_accuracy=self.state.history[-1]["val_accuracy"])
             test = self.evaluate(self.data.test_x, self.data.test_y)
             if self.dist_env.is_main:  # before the summary, which marks the run finished
                 export_model(self.cfg, self.model, self.state, test, self.data)
@@ -317,6 +346,11 @@ class Trainer:
         payload = self.state_dict()
         if per_rank is not None:
             payload["per_rank"] = per_rank
+        if not all_finite([payload["model"], payload["optimizer"]]):
+            log.error(
+                "checkpoint of step %d not written: the model or optimiser holds NaN or Inf", self.state.global_step
+            )
+            return
         try:
             path = save_checkpoint(
                 self.cfg.checkpoint_root,

@@ -40,6 +40,7 @@ from trainer.hang import HangWatch
 from trainer.machine import record_platform
 from trainer.metrics import RankLog, ResourceSampler, StepTimes, peak_rss_mb, percentile, write_metrics_csv
 from trainer.model import count_parameters, params_sha256
+from trainer.rundir import earlier_segments
 from trainer.tensorboard import TensorBoardLog, require_tensorboard
 
 if TYPE_CHECKING:  # the loop imports this module
@@ -128,6 +129,11 @@ class Progress:
                 }
             )
 
+    def step_skipped(self, step: int) -> None:
+        """A step whose update ``--on-nonfinite skip`` dropped: in the rank log, and a warning from rank 0."""
+        self.rank_log.write({"event": "skipped_nonfinite", "step": step, "time": time.time()})
+        log.warning("step %d: loss or gradient not finite on some rank; update skipped (--on-nonfinite skip)", step)
+
     def window_done(self, state: TrainState, window: StepTimes, loss: float, bar: tqdm, at_log: bool) -> None:
         """Record a window of steps (``loss``: this rank's mean) and log it at ``--log-every`` steps.
 
@@ -185,6 +191,8 @@ class Progress:
             "cpu_percent_total": cpu_total,
             "rss_mb_total": rss_total,
         }
+        if state.history and state.history[-1]["epoch"] == row["epoch"]:
+            state.history.pop()  # the row of this epoch as --max-steps cut it; a continued run completes it
         state.history.append(row)
         if self.tensorboard is not None:
             self.tensorboard.epoch(row)
@@ -246,13 +254,20 @@ class Progress:
             [peak, percentile(times.sync_samples, 50), percentile(times.sync_samples, 95), peak_gpu], self.device
         )
         test_loss, test_accuracy = test
+        earlier = earlier_segments(self.run_dir)
+        start = earlier[-1]["to_step"] if earlier else 0
+        segment: dict[str, Any] = {"from_step": start, "to_step": state.global_step}
+        segment.update(epochs_requested=self.cfg.epochs, max_steps=self.cfg.max_steps)
         return {
+            "continued_from_step": start if earlier else None,
+            "segments": [*earlier, segment],
             "world_size": env.world_size,
             "epochs": len(state.history),
             "epochs_requested": self.cfg.epochs,
             "global_step": state.global_step,
             "restarts": env.restart_count,
             "resumed_from_step": self.resumed_from_step,
+            "skipped_nonfinite_steps": state.skipped_steps,
             "test_accuracy": test_accuracy,
             "test_loss": test_loss,
             "val_accuracy": state.history[-1]["val_accuracy"] if state.history else None,

@@ -1,0 +1,66 @@
+"""No divergence goes unnoticed: a non-finite loss or gradient on any rank stops (or skips) the step on all ranks.
+
+The check costs no collective of its own under the exact gradient syncs. Every rank multiplies its
+loss by 1 before the backward pass, or by NaN when the loss is not finite: then its gradients are
+NaN, and the averaged gradient that each rank receives is non-finite on every rank when any rank's
+contribution was (NaN + x = NaN, Inf + finite = Inf, Inf + -Inf = NaN; a sum that overflows is
+Inf). All ranks receive the same averaged gradient, so all take the same branch at the same step.
+Multiplying by 1 changes no bit of the gradients, so a finite run is unchanged.
+
+Local SGD (``--comm localsgd``) stops averaging gradients after its warm-up, so there the ranks
+vote with one small all-reduce per step. At world size 1 there is nothing to agree.
+
+``--on-nonfinite stop`` (default) ends the run with ``DIVERGED_EXIT_CODE``; ``skip`` drops the
+update (no optimiser step, so momentum does not move either) and counts it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.checkpoint import list_checkpoints
+
+# The process's exit status after divergence: neither success nor bad input (2), nor a signal (128+N).
+DIVERGED_EXIT_CODE = 3
+
+
+class Diverged(Exception):
+    """Raised on every rank at the step whose loss or gradient was not finite; the message is one line."""
+
+    def __init__(self, step: int, checkpoint_dir: Path) -> None:
+        newest = next((p for p in list_checkpoints(checkpoint_dir) if p.with_suffix(".json").exists()), None)
+        good = f"newest good checkpoint {newest}" if newest else "no checkpoint was written yet"
+        super().__init__(
+            f"loss or gradient not finite at step {step} (on at least one rank); the update was not applied and "
+            f"no checkpoint of it written; {good}. Lower --lr, or add --on-nonfinite skip to skip such steps"
+        )
+        self.step = step
+
+
+def poison_nonfinite(loss: torch.Tensor) -> torch.Tensor:
+    """``loss`` times 1, or times NaN when it is not finite, so its gradients carry the verdict into the sync."""
+    return loss * torch.where(torch.isfinite(loss), 1.0, float("nan"))
+
+
+def grads_finite(params: Iterable[torch.Tensor]) -> bool:
+    """Whether every gradient is finite: one sum per tensor, which NaN and Inf propagate through (read-only).
+
+    The host reads one value per step; on CUDA the step's clock synchronises anyway.
+    """
+    sums = [p.grad.sum() for p in params if p.grad is not None]
+    return bool(torch.isfinite(torch.stack(sums).sum())) if sums else True
+
+
+def all_finite(tree: Any) -> bool:
+    """Whether every floating-point tensor in a nested dict/list (a model or optimiser state) is finite."""
+    if isinstance(tree, torch.Tensor):
+        return not tree.is_floating_point() or bool(torch.isfinite(tree).all())
+    if isinstance(tree, dict):
+        return all(all_finite(value) for value in tree.values())
+    if isinstance(tree, list | tuple):
+        return all(all_finite(value) for value in tree)
+    return True
