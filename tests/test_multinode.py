@@ -1,76 +1,38 @@
 """Multi-node for real: two test hosts in network namespaces, one torchrun agent on each.
 
-The hosts are made here (``ip netns``, a veth pair, addresses 10.77.0.1 and 10.77.0.2 of their
-own), so all traffic stays inside namespaces this test created. Needs root and iproute2; where
-the machine refuses, the tests are skipped with its reason.
+The hosts are made by tests/testhosts.py (``ip netns``, a veth pair, addresses 10.77.0.1 and
+10.77.0.2 of their own), so all traffic stays inside namespaces this test created. Needs root and
+iproute2; where the machine refuses, the tests are skipped with its reason.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
-import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import Launched, assert_ok, read_summary, run_process, wait_until
+from conftest import assert_ok, read_summary, run_process, wait_until
 from launching import LAUNCH, STEPS, launch_env, read_sha
+from testhosts import Host, HostsUnavailable, make_hosts
 
 SUBNET = "10.77.0"
 UNROUTED = "10.78.0.1"  # outside the hosts' only route: no packet leaves for it
 RDZV_PORT = 29400  # each namespace has ports of its own: no collision with the machine's
 
 
-@dataclass(frozen=True)
-class Host:
-    netns: str
-    ifname: str
-    addr: str
-
-    def run(self, cmd: list[str], env: dict[str, str], log: Path) -> Launched:
-        """Start ``cmd`` inside this host; gloo must use the veth, not loopback."""
-        return Launched(["ip", "netns", "exec", self.netns, *cmd], dict(env, GLOO_SOCKET_IFNAME=self.ifname), log)
-
-
-def ip(*args: str) -> None:
-    result = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
-    if result.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)}: {result.stderr.strip()}")
-
-
 @pytest.fixture
 def hosts() -> Iterator[tuple[Host, Host]]:
     """Two hosts joined by a veth pair, removed afterwards whatever happened."""
-    if shutil.which("ip") is None:
-        pytest.skip("the ip command is missing (Debian: apt-get install -y iproute2)")
-    tag = f"trn{os.getpid() % 100000}"
-    pair = tuple(Host(f"{tag}{side}", f"{tag}v{side}", f"{SUBNET}.{n}") for n, side in ((1, "a"), (2, "b")))
-    made: list[str] = []
     try:
-        for host in pair:
-            ip("netns", "add", host.netns)
-            made.append(host.netns)
-        ip("link", "add", pair[0].ifname, "type", "veth", "peer", "name", pair[1].ifname)
-        for host in pair:
-            ip("link", "set", host.ifname, "netns", host.netns)
-            ip("-n", host.netns, "addr", "add", f"{host.addr}/24", "dev", host.ifname)
-            ip("-n", host.netns, "link", "set", host.ifname, "up")
-            ip("-n", host.netns, "link", "set", "lo", "up")
-    except RuntimeError as exc:
-        for netns in made:
-            subprocess.run(["ip", "netns", "del", netns], capture_output=True, timeout=30)
+        with make_hosts(f"trn{os.getpid() % 100000}", SUBNET) as pair:
+            yield pair
+    except HostsUnavailable as exc:
         reason = f"cannot make test hosts in network namespaces (root and iproute2 needed): {exc}"
         print(reason)
         pytest.skip(reason)
-    try:
-        yield pair
-    finally:
-        for netns in made:  # deleting a namespace deletes its end of the veth, and so the pair
-            subprocess.run(["ip", "netns", "del", netns], capture_output=True, timeout=30)
 
 
 def agent_env(host: Host, first: Host, nnodes: str, nproc: int, rdzv_conf: str = "", **extra: str) -> dict[str, str]:
