@@ -27,9 +27,8 @@ import pytest
 from conftest import wait_until
 from testhosts import Host, HostsUnavailable, make_hosts
 
-DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue")
 CPUS = 2  # per node, as the machine has
-# Marks every process of the cluster's jobs (Slurm passes the submitter's environment on).
+# Marks every process of the cluster's jobs: set for sbatch only, which passes it on to the job.
 TAG_VAR = "TRAINER_SLURM_TEST"
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
@@ -84,16 +83,17 @@ class SlurmCluster:
     # --- commands -------------------------------------------------------------------------------
 
     def env(self, **extra: str) -> dict[str, str]:
-        env = dict(os.environ, SLURM_CONF=str(self.conf), **{TAG_VAR: self.tag})
+        """The environment of Slurm's daemons and commands: this cluster's slurm.conf."""
+        env = dict(os.environ, SLURM_CONF=str(self.conf))
         env.update(extra)
         return env
 
     def command(
-        self, *args: str, env: dict[str, str] | None = None, check: bool = True, host: int = 0
+        self, *args: str, env: dict[str, str] | None = None, check: bool = True
     ) -> subprocess.CompletedProcess[str]:
-        """A Slurm command (or any command) run on node ``host``."""
+        """A Slurm command, run on the first node (where slurmctld listens)."""
         result = subprocess.run(
-            [*self.hosts[host].enter(), *args],
+            [*self.hosts[0].enter(), *args],
             env=env or self.env(),
             capture_output=True,
             text=True,
@@ -105,7 +105,7 @@ class SlurmCluster:
 
     def sbatch(self, args: list[str], env: dict[str, str]) -> int:
         """Submit; the job id. ``env`` is the job's environment (sbatch passes it on)."""
-        out = self.command("sbatch", "--parsable", *args, env=self.env(**env)).stdout
+        out = self.command("sbatch", "--parsable", *args, env=self.env(**env, **{TAG_VAR: self.tag})).stdout
         return int(out.strip().split(";")[0])
 
     def job(self, job_id: int) -> dict[str, str]:
@@ -141,7 +141,7 @@ class SlurmCluster:
             if proc.info["status"] == psutil.STATUS_ZOMBIE:
                 continue
             with contextlib.suppress(psutil.Error):
-                if proc.environ().get(TAG_VAR) == self.tag and proc.name() not in DAEMONS:
+                if proc.environ().get(TAG_VAR) == self.tag:
                     found.append(proc)
         return found
 
@@ -226,10 +226,13 @@ class SlurmCluster:
         if result.returncode != 0:
             raise RuntimeError(f"{cmd[-1] if cmd[0] == 'nsenter' else cmd[0]}: {result.stderr.strip()}")
 
+    def node_state(self, host: Host) -> str:
+        """``sinfo``'s short state of a node: idle, alloc, down*, ..."""
+        result = self.command("sinfo", "--noheader", "--Node", f"--nodes={host.name}", "--format=%t", check=False)
+        return result.stdout.strip()  # empty while slurmctld is not answering yet
+
     def _nodes_idle(self) -> bool:
-        out = self.command("sinfo", "--noheader", "--Node", "--format=%N %t", check=False).stdout
-        states = dict(line.split() for line in out.splitlines() if line.strip())
-        return all(states.get(host.name) == "idle" for host in self.hosts)
+        return all(self.node_state(host) == "idle" for host in self.hosts)
 
     def pids(self, pattern: str) -> list[int]:
         """Pids recorded in the daemons' pid files matching ``pattern`` (in the cluster's directory)."""
@@ -239,14 +242,10 @@ class SlurmCluster:
                 pids.append(int(path.read_text().split()[0]))
         return pids
 
-    def slurmd_pid(self, host: Host) -> int:
-        (pid,) = self.pids(f"slurmd-{host.name}.pid")
-        return pid
-
     def stop(self) -> None:
         """Cancel every job, end every daemon and job process; safe to call in any state."""
         if self.conf.exists() and self.pids("slurmctld.pid"):
-            self.command("scancel", "--full", "--user=root", check=False)
+            self.command("scancel", "--user=root", check=False)
             with contextlib.suppress(Exception):
                 deadline = time.monotonic() + KILL_WAIT + 15
                 while self.job_processes() and time.monotonic() < deadline:
