@@ -60,6 +60,7 @@ def submit(
 ) -> int:
     """``sbatch [SBATCH] launch/slurm.sbatch ARGS`` from the repository root, output in the run's parent."""
     job_env = launch_env(RUN_DIR=str(run_dir), GLOO_SOCKET_IFNAME=IFNAME, **env)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)  # Slurm fails a job whose output it cannot open
     output = run_dir.parent / "slurm-%j.out"
     return cluster.sbatch([f"--output={output}", *sbatch, str(LAUNCH / "slurm.sbatch"), *args], job_env)
 
