@@ -148,8 +148,10 @@ def wait_all_ok(jobs: Sequence[Launched], timeout: float) -> None:
             job.kill()
 
 
-def wait_until(condition: Callable[[], object], timeout: float, what: str, proc: Launched | None = None) -> object:
-    """Poll ``condition`` until it is truthy (returned); fail on timeout or if ``proc`` exits first."""
+def wait_until(
+    condition: Callable[[], object], timeout: float, what: str, proc: Launched | None = None, every: float = 0.05
+) -> object:
+    """Poll ``condition`` every ``every`` s until truthy (returned); fail on timeout or if ``proc`` exits first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()
@@ -157,7 +159,7 @@ def wait_until(condition: Callable[[], object], timeout: float, what: str, proc:
             return value
         if proc is not None and proc.proc.poll() is not None:
             pytest.fail(f"process exited ({proc.proc.returncode}) before {what}\n{proc.output()[-6000:]}")
-        time.sleep(0.05)
+        time.sleep(every)
     pytest.fail(f"timed out after {timeout}s waiting for {what}")
 
 

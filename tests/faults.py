@@ -67,12 +67,14 @@ def trained_positions(run_dir: Path) -> dict[int, list[int]]:
 
     A process that was killed may have trained past the checkpoint that the next attempt resumed
     from; those steps were redone, so a step counts only from the latest attempt that trained it.
+    An attempt is one start of the worker group: its run id, restart count and resumed step (a
+    requeued Slurm job starts torchrun again with the same run id and restart count 0).
     """
     attempts: dict[tuple[Any, ...], dict[str, Any]] = {}
     for path in sorted((run_dir / "samples").glob("*.jsonl")):
         lines = records(path)
         start = lines[0]
-        key = (start["run_id"], start["restarts"]) if start["run_id"] else (path.name,)
+        key = (start["run_id"], start["restarts"], start["resumed_from_step"]) if start["run_id"] else (path.name,)
         attempt = attempts.setdefault(key, {"time": start["time"], "resumed": start["resumed_from_step"], "steps": []})
         attempt["time"] = min(attempt["time"], start["time"])
         attempt["steps"] += [r for r in lines[1:] if "positions" in r]

@@ -1,12 +1,12 @@
 """Every launch script run for real (a few steps), and the contract's failure modes.
 
 Each run of world size 2 must end with the same weights as ``local.sh`` (torchrun on this host):
-the scripts change how processes are started, never what they compute.
+the scripts change how processes are started, never what they compute. ``slurm.sbatch`` runs
+under a real Slurm cluster in tests/test_slurm.py.
 """
 
 from __future__ import annotations
 
-import re
 import shutil
 import signal
 import socket
@@ -174,91 +174,6 @@ def test_multinode_sh_rejects_bad_variables(env: dict[str, str], message: str) -
     result = run_script("multinode.sh", [], timeout=30, **env)
     assert result.returncode == 2
     assert message in result.stderr
-
-
-# Stand-ins for Slurm's srun and scontrol (no Slurm here): srun starts its command once per node
-# on this host with the task variables Slurm sets; scontrol expands a plain comma-separated node
-# list and records a requeue by sending SIGTERM to the job step, as Slurm does.
-FAKE_SRUN = """#!/usr/bin/env bash
-set -euo pipefail
-nodes=1
-while [[ $1 == -* ]]; do [[ $1 == --nodes=* ]] && nodes=${1#--nodes=}; shift; done
-echo $$ > "$FAKE_SLURM_DIR/srun.pid"
-pids=()
-for ((i = 0; i < nodes; i++)); do
-  SLURM_NODEID=$i SLURM_PROCID=$i SLURM_LOCALID=0 "$@" & pids+=($!)
-done
-trap 'kill -TERM "${pids[@]}" 2>/dev/null' TERM INT
-status=0
-for pid in "${pids[@]}"; do
-  while true; do wait "$pid" && rc=0 || rc=$?; kill -0 "$pid" 2>/dev/null || break; done
-  ((rc == 0)) || status=$rc
-done
-exit $status
-"""
-FAKE_SCONTROL = """#!/usr/bin/env bash
-set -euo pipefail
-case "$1 $2" in
-  "show hostnames") tr ',' '\\n' <<<"$3" ;;
-  "requeue "*) echo "$2" >> "$FAKE_SLURM_DIR/requeued"; kill -TERM "$(cat "$FAKE_SLURM_DIR/srun.pid")" ;;
-  *) echo "fake scontrol: unsupported: $*" >&2; exit 1 ;;
-esac
-"""
-
-
-@pytest.fixture
-def fake_slurm(tmp_path: Path) -> dict[str, str]:
-    bin_dir = tmp_path / "slurm-bin"
-    bin_dir.mkdir()
-    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(0o755)
-    env = launch_env(
-        FAKE_SLURM_DIR=str(tmp_path),
-        SLURM_JOB_ID="4242",
-        SLURM_JOB_NODELIST="127.0.0.1,127.0.0.1",
-        SLURM_JOB_NUM_NODES="2",
-        SLURM_SUBMIT_DIR=str(Path(__file__).resolve().parents[1]),
-        RDZV_PORT=str(free_port()),
-    )
-    env["PATH"] = f"{bin_dir}:{env['PATH']}"
-    return env
-
-
-def test_slurm_sbatch_runs_one_agent_per_node(tmp_path: Path, fake_slurm: dict[str, str], baseline: str) -> None:
-    run_dir = tmp_path / "run"
-    result = run_process(
-        ["bash", str(LAUNCH / "slurm.sbatch"), *STEPS], dict(fake_slurm, RUN_DIR=str(run_dir)), timeout=180
-    )
-    assert_ok(result)
-    assert "2 node(s) x 1, rendezvous 127.0.0.1:" in result.stderr
-    assert read_summary(run_dir)["world_size"] == 2
-    assert read_sha(run_dir) == baseline
-
-
-def test_slurm_sbatch_requeues_before_the_time_limit(tmp_path: Path, fake_slurm: dict[str, str]) -> None:
-    """SIGUSR1 (``--signal=B:USR1@120``) -> requeue -> SIGTERM to the step -> the trainers checkpoint and
-    stop; the requeued job (same id, same run directory) then resumes."""
-    run_dir, steps = tmp_path / "run", 1500
-    args = ["--max-steps", str(steps), "--epochs", "3", "--log-every", "10", "--timeout", "30"]
-    args += ["--checkpoint-every", "50"]
-    env = dict(fake_slurm, RUN_DIR=str(run_dir))
-    job = Launched(["bash", str(LAUNCH / "slurm.sbatch"), *args], env, tmp_path / "job.log")
-    try:
-        wait_until(lambda: has_trained(run_dir, 1), 120, "both nodes to train")
-        job.proc.send_signal(signal.SIGUSR1)
-        status = job.wait(90)
-        out = job.output()
-    finally:
-        job.kill()
-    assert (tmp_path / "requeued").read_text().split() == ["4242"]
-    assert "requeueing job 4242" in out
-    assert status != 0, out[-3000:]
-    assert not (run_dir / "summary.json").exists()
-    requeued = run_process(["bash", str(LAUNCH / "slurm.sbatch"), *args], env, timeout=240)
-    assert_ok(requeued)
-    assert read_summary(run_dir)["global_step"] == steps
-    assert re.search(r"resuming from \S+/checkpoints/", requeued.stderr)
 
 
 def test_pytorchjob_manifest_matches_the_contract(tmp_path: Path, baseline: str) -> None:
