@@ -21,12 +21,12 @@ from conftest import (
     read_summary,
     run_torchrun,
     run_trainer,
-    torchrun_cmd,
     wait_until,
 )
 from faults import has_trained, metrics_rows, workers
 
 from trainer.guard import DIVERGED_EXIT_CODE
+from trainer.jobs import torchrun_command
 
 # 1,024 samples a step at any world size: 46 steps an epoch. Windows end every 10 steps and
 # checkpoints every 20, so --max-steps 27 cuts an epoch between both.
@@ -42,7 +42,7 @@ def launch(nproc: int, run_dir: Path, *extra: str, timeout: float = 300) -> subp
 
 def launch_cmd(nproc: int, run_dir: Path, *extra: str) -> list[str]:
     args = [*ARGS, "--run-dir", str(run_dir), *extra]
-    return [sys.executable, "-m", "trainer", *args] if nproc == 1 else torchrun_cmd(nproc, args)
+    return [sys.executable, "-m", "trainer", *args] if nproc == 1 else torchrun_command(nproc, "trainer", args)
 
 
 def files(run_dir: Path) -> dict[str, bytes]:
