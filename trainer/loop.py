@@ -88,6 +88,8 @@ class Trainer:
         loss = F.cross_entropy(self.forward(inputs), targets)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # ends with the gradient sync of the --comm option
+        if self.cfg.clip_grad_norm is not None:  # the synced gradients: every rank clips the same
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad_norm)
         self.optimizer.step()
         if self.comm is not None:
             self.comm.after_step(self.model.parameters())
