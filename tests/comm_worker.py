@@ -166,18 +166,11 @@ def accumulated(
     return cloned_grads(model)
 
 
-def open_reducer(capacity: int, timeout_s: float) -> shm.ShmAllreduce:
-    reducer, error = shm.open_reducer(dist.group.WORLD, capacity, timeout_s)
-    failures = shm.agree(dist.group.WORLD, error)
-    assert reducer is not None and not failures, failures
-    return reducer
-
-
 def peer_fails(out: Path, mode: str) -> None:
     """Rank 1 dies (``die``) or stops (``stall``) where it should join the all-reduce."""
     rank = dist.get_rank()
     timeout_s = 2.0 if mode == "stall" else 60.0
-    reducer = open_reducer(1024, timeout_s)
+    reducer = shm.open_agreed(dist.group.WORLD, 1024, timeout_s)
     reducer.allreduce_(torch.ones(1024))  # one good round first
     outcome_file = out / "rank0.json"
     if rank == 1:
@@ -200,7 +193,7 @@ def peer_fails(out: Path, mode: str) -> None:
 
 def wait(out: Path) -> None:
     """Rank 0's CPU time while it waits in an all-reduce for a rank 1 that is busy for ``BUSY_S``."""
-    reducer = open_reducer(1024, 60)
+    reducer = shm.open_agreed(dist.group.WORLD, 1024, 60)
     reducer.allreduce_(torch.ones(1024))
     dist.barrier()
     if dist.get_rank() == 1:

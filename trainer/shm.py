@@ -289,6 +289,19 @@ def open_reducer(group: dist.ProcessGroup, capacity: int, timeout_s: float) -> t
         return None, describe(rank, "setting up the shared-memory all-reduce", exc)
 
 
+def open_agreed(group: dist.ProcessGroup, capacity: int, timeout_s: float) -> ShmAllreduce:
+    """``open_reducer`` and ``agree`` in one, for callers with no set-up of their own (benchmarks,
+    tests); collective. Raises ``OSError`` on every rank if any rank failed."""
+    reducer, error = open_reducer(group, capacity, timeout_s)
+    failures = agree(group, error)
+    if failures:
+        if reducer is not None:
+            reducer.close()
+        raise OSError(f"shared memory could not be set up: {failures}")
+    assert reducer is not None
+    return reducer
+
+
 @dataclass(frozen=True)
 class Span:
     """Elements ``[begin, end)`` of input tensor ``index``, at ``offset`` in the flat vector; summed by ``owner``."""
