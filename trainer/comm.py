@@ -119,7 +119,7 @@ class ShmGradientSync:
     parameter's ``.grad`` is a view of one flat buffer that this rank owns; the all-reduce copies
     the shared result into it. So user code may do anything to ``.grad`` after the sync (clip it,
     zero it, unscale it, accumulate into it over several backward passes) without touching a
-    peer's gradients. Construction is local; ``wrap_model`` agrees on it and broadcasts the weights.
+    peer's gradients. Construction is local; ``start_shm_sync`` agrees on it and broadcasts the weights.
     """
 
     def __init__(self, model: nn.Module, reducer: shm.ShmAllreduce, timer: "SyncTimer") -> None:
