@@ -21,15 +21,13 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from benchmarks.common import REPO, child_env, machine, machine_line, publish, results_dir, run_checked, torchrun
-from benchmarks.sync import interleave, stats
+from benchmarks.sync import interleave, stats, timed
 
 BEFORE = "2b38be0"  # the last commit whose gradients were views of the shared result
 
@@ -61,14 +59,6 @@ def worker(out: Path, calls: int, rounds: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         before = earlier_shm(Path(tmp)).ShmAllreduce(dist.group.WORLD, numel, 60.0)
     after = shm.open_agreed(dist.group.WORLD, numel, 60.0)
-
-    def timed(body: Callable[[], object]) -> Callable[[], float]:
-        def call() -> float:
-            started = time.perf_counter()
-            body()
-            return (time.perf_counter() - started) * 1e3
-
-        return call
 
     methods = {
         "before: .grad views of the shared result": timed(lambda: before.allreduce(grads, divide_by=world)),

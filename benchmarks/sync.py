@@ -87,20 +87,23 @@ def interleave(methods: dict[str, Callable[[], float]], calls: int, rounds: int)
     return samples
 
 
+def timed(body: Callable[[], object]) -> Callable[[], float]:
+    """``body`` as a call that returns its own milliseconds."""
+
+    def call() -> float:
+        started = time.perf_counter()
+        body()
+        return (time.perf_counter() - started) * 1e3
+
+    return call
+
+
 def allreduce_methods(numel: int) -> dict[str, Callable[[], float]]:
     from trainer import shm
 
     world = dist.get_world_size()
     tensor = torch.randn(numel)
     reducer = shm.open_agreed(dist.group.WORLD, numel, timeout_s=60)
-
-    def timed(body: Callable[[], None]) -> Callable[[], float]:
-        def call() -> float:
-            started = time.perf_counter()
-            body()
-            return (time.perf_counter() - started) * 1e3
-
-        return call
 
     def cast(dtype: torch.dtype) -> None:
         half = tensor.to(dtype).div_(world)
