@@ -230,18 +230,19 @@ def open_shared_mapping(group: dist.ProcessGroup, size: int, rank: int) -> tuple
 
     Every rank reaches the same single collective whatever fails locally. Returns this rank's
     mapping (None on failure), rank 0's descriptor (-1 elsewhere; the peers open it through
-    /proc, so it stays open until the caller has agreed), this rank's error ("" if none), and
-    every rank's ``[pid, start time, fd]``.
+    /proc, so rank 0 keeps it open until the mapping is closed), this rank's error ("" if none),
+    and every rank's ``[pid, start time, fd]``.
     """
-    me = dist.get_rank(group)
     fd, error = -1, ""
-    if me == 0:
-        try:
-            fd = create_memory(size, rank)
-        except Exception as exc:
-            error = describe(rank, "creating shared memory", exc)
+    me = [os.getpid(), None, fd]
+    try:
+        me[1] = _start_time(os.getpid())
+        if dist.get_rank(group) == 0:
+            me[2] = fd = create_memory(size, rank)
+    except Exception as exc:
+        error = describe(rank, "creating shared memory", exc)
     identities: list[list] = [[] for _ in range(dist.get_world_size(group))]
-    dist.all_gather_object(identities, [os.getpid(), _start_time(os.getpid()), fd], group=group)
+    dist.all_gather_object(identities, me, group=group)
     mapping = None
     owner_pid, _, owner_fd = identities[0]
     if owner_fd >= 0 and not error:
