@@ -87,20 +87,23 @@ def interleave(methods: dict[str, Callable[[], float]], calls: int, rounds: int)
     return samples
 
 
+def timed(body: Callable[[], object]) -> Callable[[], float]:
+    """``body`` as a call that returns its own milliseconds."""
+
+    def call() -> float:
+        started = time.perf_counter()
+        body()
+        return (time.perf_counter() - started) * 1e3
+
+    return call
+
+
 def allreduce_methods(numel: int) -> dict[str, Callable[[], float]]:
     from trainer import shm
 
     world = dist.get_world_size()
     tensor = torch.randn(numel)
-    reducer = shm.ShmAllreduce(dist.group.WORLD, capacity=numel, timeout_s=60)
-
-    def timed(body: Callable[[], None]) -> Callable[[], float]:
-        def call() -> float:
-            started = time.perf_counter()
-            body()
-            return (time.perf_counter() - started) * 1e3
-
-        return call
+    reducer = shm.open_agreed(dist.group.WORLD, numel, timeout_s=60)
 
     def cast(dtype: torch.dtype) -> None:
         half = tensor.to(dtype).div_(world)
@@ -120,7 +123,12 @@ def _shared_buffers(count: int, numel: int) -> list[torch.Tensor]:
     are (the tensors keep the mapping alive)."""
     from trainer import shm
 
-    mapping, _ = shm.open_shared_mapping(dist.group.WORLD, count * numel * 4)
+    mapping, fd, error, _ = shm.open_shared_mapping(dist.group.WORLD, count * numel * 4, dist.get_rank())
+    failures = shm.agree(dist.group.WORLD, error)
+    if fd >= 0:
+        os.close(fd)  # every rank has mapped it
+    if mapping is None or failures:
+        raise OSError(f"shared memory could not be set up: {failures}")
     return list(torch.frombuffer(mapping, dtype=torch.float32).view(count, numel))
 
 

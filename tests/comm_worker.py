@@ -1,12 +1,17 @@
 """One rank of a comm test (run under torchrun, or with exported RANK/WORLD_SIZE for the peer tests).
 
-``grads OUT``: for the reference (DDP with torch's own all-reduce) and every ``--comm`` option,
-the gradients after backward passes on this rank's batch, saved to ``OUT/rank<r>.pt`` together
-with this rank's local (unsynchronised) gradients.
-``die OUT`` / ``stall OUT``: rank 1 exits / sleeps instead of joining a shared-memory all-reduce;
-rank 0 writes what happened to ``OUT/rank0.json``.
-``accumulate OUT``: under ``--comm shm``, a second backward pass without clearing the gradients;
-each rank writes the error it got to ``OUT/rank<r>.json``.
+``grads OUT``: for the reference (DDP with torch's own all-reduce) and every ``--comm`` option
+but the shared-memory ones, the gradients after backward passes on this rank's batch, saved to
+``OUT/rank<r>.pt`` together with this rank's local (unsynchronised) gradients.
+``steps OUT``: ``--comm shm`` and ``auto`` over several optimiser steps, a new batch each step and
+two intra-op threads, each step's synced gradients beside the reference (DDP over gloo) and the
+local gradients on the same weights and batch; whether a peer's in-place writes into its own
+``.grad`` left this rank's untouched; and gradients accumulated over two backward passes, both
+ways. Saved to ``OUT/rank<r>.pt``.
+``die OUT`` / ``stall OUT``: rank 1 exits / stops (until rank 0 has written its outcome) instead
+of joining a shared-memory all-reduce; rank 0 writes what happened to ``OUT/rank0.json``.
+``wait OUT``: rank 1 is busy for ``BUSY_S`` before joining an all-reduce; rank 0 writes the CPU
+and wall time its own wait took to ``OUT/rank0.json``.
 ``cuda OUT``: over nccl, one GPU per rank: this rank's local gradients and, for each option that
 runs on CUDA, the synchronised gradients and the sync time read, saved to ``OUT/rank<r>.pt``.
 """
@@ -34,8 +39,12 @@ WARMUP = 2  # exact steps before PowerSGD / local SGD change the arithmetic
 PASSES = WARMUP + 1
 
 
-def batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(1000 + rank)
+STEPS = 6  # optimiser steps of the ``steps`` mode
+BUSY_S = 1.5  # how long rank 1 is busy in the ``wait`` mode
+
+
+def batch(rank: int, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1000 + 100 * step + rank)
     return torch.randn(32, 784, generator=generator), torch.randint(0, 10, (32,), generator=generator)
 
 
@@ -46,8 +55,12 @@ def grads_after(model: torch.nn.Module, forward: torch.nn.Module, rank: int) -> 
     for _ in range(PASSES):
         model.zero_grad(set_to_none=True)
         F.cross_entropy(forward(inputs), targets).backward()
-        passes.append([p.grad.detach().clone() for p in model.parameters()])
+        passes.append(cloned_grads(model))
     return passes
+
+
+def cloned_grads(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.grad.detach().clone() for p in model.parameters()]
 
 
 def grads(out: Path) -> None:
@@ -59,13 +72,13 @@ def grads(out: Path) -> None:
     reference = build_model(cfg)
     results["reference"] = grads_after(reference, DistributedDataParallel(reference), rank)
     for option in COMM_OPTIONS:
+        if option in SHARED_MEMORY_OPTIONS:
+            continue  # the ``steps`` mode, on changing weights
         model = build_model(cfg)
         ddp, comm = wrap_model(model, cpu, True, option, timeout_s=60, warmup_steps=WARMUP)
         assert comm is not None
         results[option] = grads_after(model, ddp, rank)
         results[f"{option}:resolved"] = comm.option
-        if comm.shm_sync is not None:
-            results[f"{option}:shm_file_left"] = comm.shm_sync.reducer.path.exists()
         if option == "localsgd":
             comm.sync_replicas(model)
             results["localsgd:synced_params"] = [p.detach().clone() for p in model.parameters()]
@@ -73,16 +86,99 @@ def grads(out: Path) -> None:
     torch.save(results, out / f"rank{rank}.pt")
 
 
+SHARED_MEMORY_OPTIONS = ("shm", "auto")
+
+
+def copy_weights(model: torch.nn.Module, weights: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for mine, theirs in zip(model.parameters(), weights.parameters(), strict=True):
+            mine.copy_(theirs)
+
+
+def grads_on(model: torch.nn.Module, forward: torch.nn.Module, weights: torch.nn.Module, step: int) -> list:
+    """``model``'s gradients through ``forward`` on ``weights``' parameters and this rank's batch of ``step``."""
+    copy_weights(model, weights)
+    model.zero_grad(set_to_none=True)
+    inputs, targets = batch(dist.get_rank(), step)
+    F.cross_entropy(forward(inputs), targets).backward()
+    return cloned_grads(model)
+
+
+def steps(out: Path) -> None:
+    """The shared-memory options on weights that change every step, against DDP over gloo."""
+    torch.set_num_threads(2)  # intra-op worker threads write the shared memory too
+    rank = dist.get_rank()
+    cfg, cpu = TrainConfig(), torch.device("cpu")
+    reference, local = build_model(cfg), build_model(cfg)
+    reference_ddp = DistributedDataParallel(reference)
+    results: dict[str, object] = {}
+    for option in SHARED_MEMORY_OPTIONS:
+        model = build_model(cfg)
+        forward, comm = wrap_model(model, cpu, True, option, timeout_s=60)
+        assert comm is not None
+        results[f"{option}:resolved"] = comm.option
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        got, want, mine, untouched = [], [], [], []
+        for step in range(STEPS):
+            want.append(grads_on(reference, reference_ddp, model, step))
+            mine.append(grads_on(local, local, model, step))
+            # Odd steps zero the gradients in place, so the backward pass writes into the old ones.
+            model.zero_grad(set_to_none=step % 2 == 0)
+            inputs, targets = batch(rank, step)
+            F.cross_entropy(forward(inputs), targets).backward()
+            got.append(cloned_grads(model))
+            untouched.append(peer_writes_leave_mine(model, got[-1]))
+            optimizer.step()
+        results[option], results[f"{option}:reference"], results[f"{option}:local"] = got, want, mine
+        results[f"{option}:untouched"] = untouched
+        results[f"{option}:accumulated"] = accumulated(model, forward)
+        results[f"{option}:accumulated_reference"] = accumulated(reference, reference_ddp, weights=model)
+        comm.close()
+    torch.save(results, out / f"rank{rank}.pt")
+
+
+def peer_writes_leave_mine(model: torch.nn.Module, synced: list[torch.Tensor]) -> bool:
+    """Rank 1 writes into its own ``.grad`` in place (as clipping would); whether this rank's stayed as synced
+    (on rank 1 itself: whether the write happened)."""
+    dist.barrier()
+    if dist.get_rank() == 1:
+        for p in model.parameters():
+            p.grad.mul_(3.0)
+    dist.barrier()
+    unchanged = all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), synced, strict=True))
+    dist.barrier()  # every rank has looked before rank 1 undoes its write
+    if dist.get_rank() == 1:
+        for p, g in zip(model.parameters(), synced, strict=True):
+            p.grad.copy_(g)
+    return unchanged
+
+
+def accumulated(
+    model: torch.nn.Module, forward: torch.nn.Module, weights: torch.nn.Module | None = None
+) -> list[torch.Tensor]:
+    """Gradients after two backward passes (batches of steps 0 and 1) without clearing in between."""
+    if weights is not None:
+        copy_weights(model, weights)
+    model.zero_grad(set_to_none=True)
+    for step in (0, 1):
+        inputs, targets = batch(dist.get_rank(), step)
+        F.cross_entropy(forward(inputs), targets).backward()
+    return cloned_grads(model)
+
+
 def peer_fails(out: Path, mode: str) -> None:
-    """Rank 1 dies (``die``) or stalls (``stall``) where it should join the all-reduce."""
+    """Rank 1 dies (``die``) or stops (``stall``) where it should join the all-reduce."""
     rank = dist.get_rank()
     timeout_s = 2.0 if mode == "stall" else 60.0
-    reducer = shm.ShmAllreduce(dist.group.WORLD, capacity=1024, timeout_s=timeout_s)
+    reducer = shm.open_agreed(dist.group.WORLD, 1024, timeout_s)
     reducer.allreduce_(torch.ones(1024))  # one good round first
+    outcome_file = out / "rank0.json"
     if rank == 1:
         if mode == "die":
             os._exit(3)
-        time.sleep(4)  # longer than rank 0's 2 s timeout
+        deadline = time.monotonic() + 60
+        while not outcome_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)  # stopped until rank 0 has given up and said so
         os._exit(0)
     started = time.monotonic()
     try:
@@ -91,25 +187,24 @@ def peer_fails(out: Path, mode: str) -> None:
     except shm.PeerGone as exc:
         outcome = {"error": str(exc)}
     outcome["seconds"] = time.monotonic() - started
-    outcome["shm_file_left"] = reducer.path.exists()
-    (out / "rank0.json").write_text(json.dumps(outcome))
+    outcome_file.write_text(json.dumps(outcome))
     os._exit(0)  # the group has a dead or stalled member: skip a teardown that would wait for it
 
 
-def accumulate(out: Path) -> None:
-    """Gradients left in shared memory must not be accumulated into (peers may still read them)."""
-    model = build_model(TrainConfig())
-    forward, comm = wrap_model(model, torch.device("cpu"), True, "shm", timeout_s=60)
-    assert comm is not None and comm.option == "shm"
-    inputs, targets = batch(dist.get_rank())
-    F.cross_entropy(forward(inputs), targets).backward()
-    try:
-        F.cross_entropy(forward(inputs), targets).backward()
-        error = None
-    except RuntimeError as exc:
-        error = str(exc)
-    (out / f"rank{dist.get_rank()}.json").write_text(json.dumps({"error": error}))
-    comm.close()
+def wait(out: Path) -> None:
+    """Rank 0's CPU time while it waits in an all-reduce for a rank 1 that is busy for ``BUSY_S``."""
+    reducer = shm.open_agreed(dist.group.WORLD, 1024, 60)
+    reducer.allreduce_(torch.ones(1024))
+    dist.barrier()
+    if dist.get_rank() == 1:
+        time.sleep(BUSY_S)  # the busy peer: a checkpoint write or a slow step, say
+        reducer.allreduce_(torch.ones(1024))
+    else:
+        wall, cpu = time.monotonic(), time.process_time()
+        reducer.allreduce_(torch.ones(1024))
+        wall, cpu = time.monotonic() - wall, time.process_time() - cpu
+        (out / "rank0.json").write_text(json.dumps({"wall_s": wall, "cpu_s": cpu}))
+    reducer.close()
 
 
 def cuda(out: Path) -> None:
@@ -140,8 +235,10 @@ def main() -> None:
             grads(out)
         elif mode == "cuda":
             cuda(out)
-        elif mode == "accumulate":
-            accumulate(out)
+        elif mode == "steps":
+            steps(out)
+        elif mode == "wait":
+            wait(out)
         else:
             peer_fails(out, mode)
     finally:

@@ -117,22 +117,22 @@ def _allreduce_hook(group: dist.ProcessGroup, bucket: dist.GradBucket) -> torch.
 class ShmGradientSync:
     """Averages a model's gradients through shared memory at the end of every backward pass.
 
-    What DDP does for the other options, done without DDP, whose per-step bookkeeping and copy of
-    the result back into its buckets are a large share of so small a step (see docs/performance.md).
-    Here each parameter's ``.grad`` becomes a view of the shared result (``ShmAllreduce.allreduce``),
-    which the optimiser reads in place. The price: the
-    gradients must be cleared with ``zero_grad(set_to_none=True)`` (torch's default) before the
-    next backward pass, because peers may still read them; accumulating into them is refused.
+    What DDP does for the other options, done without DDP, whose per-step bookkeeping is a large
+    share of so small a step (see docs/shm.md). As with DDP's ``gradient_as_bucket_view``, each
+    parameter's ``.grad`` is a view of one flat buffer that this rank owns; the all-reduce copies
+    the shared result into it. So user code may do anything to ``.grad`` after the sync (clip it,
+    zero it, unscale it, accumulate into it over several backward passes) without touching a
+    peer's gradients. Construction is local; ``start_shm_sync`` agrees on it and broadcasts the weights.
     """
 
     def __init__(self, model: nn.Module, reducer: shm.ShmAllreduce, timer: "SyncTimer") -> None:
         self.reducer, self.timer = reducer, timer
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.flat = torch.zeros(sum(p.numel() for p in self.params))
+        sizes = [p.numel() for p in self.params]
+        self.views = [view.view_as(p) for view, p in zip(self.flat.split(sizes), self.params, strict=True)]
         self._queued = False
         self._handles = [p.register_post_accumulate_grad_hook(self._grad_ready) for p in self.params]
-        with torch.no_grad():  # start from rank 0's weights, as DDP does
-            for tensor in [*model.parameters(), *model.buffers()]:
-                dist.broadcast(tensor, src=dist.get_global_rank(reducer.group, 0), group=reducer.group)
 
     def _grad_ready(self, _param: torch.Tensor) -> None:
         if not self._queued:  # first gradient of this backward pass: sync once it has finished
@@ -143,27 +143,20 @@ class ShmGradientSync:
         self._queued = False
         started = time.perf_counter()
         grads = []
-        for p in self.params:
+        for p, view in zip(self.params, self.views, strict=True):
             if p.grad is None:
-                grads.append(torch.zeros_like(p))  # not used this pass: contributes zero, as in DDP
-            elif self.reducer.owns(p.grad):
-                raise RuntimeError(
-                    "--comm shm: a gradient still lives in shared memory at the next backward pass; clear "
-                    "gradients with zero_grad(set_to_none=True) first, or use --comm gloo to accumulate them"
-                )
+                grads.append(view.zero_())  # not used this pass: contributes zero, as in DDP
             else:
-                grads.append(p.grad.contiguous())
-        averaged = self.reducer.allreduce(grads, divide_by=self.reducer.world_size)
-        for p, grad in zip(self.params, averaged, strict=True):
-            p.grad = grad
+                grads.append(p.grad.contiguous())  # a fresh tensor, or ``view`` accumulated into
+        self.reducer.allreduce(grads, self.flat, divide_by=self.reducer.world_size)
+        for p, view in zip(self.params, self.views, strict=True):
+            if p.grad is not view:
+                p.grad = view
         self.timer.add_ms((time.perf_counter() - started) * 1e3)
 
     def close(self) -> None:
         for handle in self._handles:
             handle.remove()
-        for p in self.params:
-            if p.grad is not None and self.reducer.owns(p.grad):
-                p.grad = p.grad.clone()  # the mapping goes away
         self.reducer.close()
 
 
@@ -271,18 +264,64 @@ class Comm:
 
 
 def resolve_comm(requested: str, model: nn.Module, device: torch.device, group: dist.ProcessGroup) -> tuple[str, str]:
-    """``requested`` -> the option that will run, and why. Collective: every rank must call it."""
-    keys: list[str] = [""] * dist.get_world_size(group)
-    dist.all_gather_object(keys, shm.host_key(), group=group)
-    dtypes = {p.dtype for p in model.parameters() if p.requires_grad}
-    reason = shm.unsupported_reason(device, keys, dtypes=dtypes)
+    """``requested`` -> the option that will run, and why. Collective: every rank must call it.
+
+    Each rank's own verdict on the shared-memory path (host, device, dtypes, architecture,
+    memfd and /proc) is gathered, and the decision is made on all of them, so every rank
+    decides the same. A rank whose check raises counts as unable.
+    """
+    rank = dist.get_rank()
+    reason: str | None = None
+    if requested in ("auto", "shm"):
+        try:
+            dtypes = {p.dtype for p in model.parameters() if p.requires_grad}
+            reason = shm.local_reason(device, dtypes, rank=rank)
+            removed = shm.remove_leftovers()
+            if removed:
+                log.info("removed shared memory left by dead processes: %s", ", ".join(removed))
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+    verdicts: list[tuple[str, str | None]] = [("", None)] * dist.get_world_size(group)
+    dist.all_gather_object(verdicts, (shm.host_key(), reason), group=group)
+    why_not = shm.group_reason(verdicts)
     if requested == "auto":
-        if reason:
-            return "gloo", f"auto: shared memory unavailable ({reason})"
+        if why_not:
+            return "gloo", f"auto: shared memory unavailable ({why_not})"
         return "shm", "auto: all ranks on one host"
-    if requested == "shm" and reason:
-        return "gloo", f"--comm shm unavailable ({reason}); falling back to the process group's all-reduce"
+    if requested == "shm" and why_not:
+        return "gloo", f"--comm shm unavailable ({why_not}); falling back to the process group's all-reduce"
     return requested, f"--comm {requested}"
+
+
+def start_shm_sync(
+    model: nn.Module, group: dist.ProcessGroup, timeout_s: float, timer: SyncTimer
+) -> tuple[ShmGradientSync | None, str]:
+    """The shared-memory sync for ``model``, or None and why not; collective, and agreed.
+
+    Every rank runs the same collectives whatever fails locally, then the ranks exchange their
+    errors: if any rank failed at any point (any exception), all of them get None together.
+    """
+    rank = dist.get_rank()
+    numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    reducer, error = shm.open_reducer(group, numel, timeout_s)
+    sync = None
+    if reducer is not None:
+        try:
+            sync = ShmGradientSync(model, reducer, timer)
+            shm.fail_for_tests("sync", rank)
+        except Exception as exc:
+            error = shm.describe(rank, "setting up the gradient sync", exc)
+    failures = shm.agree(group, error)
+    if failures:
+        if sync is not None:
+            sync.close()
+        elif reducer is not None:
+            reducer.close()
+        return None, failures
+    with torch.no_grad():  # start from rank 0's weights, as DDP does
+        for tensor in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(tensor, src=dist.get_global_rank(group, 0), group=group)
+    return sync, ""
 
 
 def wrap_model(
@@ -308,19 +347,15 @@ def wrap_model(
     if comm not in COMM_OPTIONS:
         raise ValueError(f"unknown comm option {comm!r}; choose from {', '.join(COMM_OPTIONS)}")
     group = dist.group.WORLD
-    numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
     option, why = resolve_comm(comm, model, device, group)
-    reducer = None
-    if option == "shm":
-        try:
-            reducer = shm.ShmAllreduce(group, numel, timeout_s)
-        except OSError as exc:  # raised on every rank alike, so all fall back together
-            option, why = "gloo", f"{exc}; falling back to the process group's all-reduce"
     result = Comm(option, SyncTimer(), device_clock(device))
-    if reducer is not None:
-        result.shm_sync = ShmGradientSync(model, reducer, result.timer)
-        log.log(_level(comm, option), "gradient sync: %s (%s)", option, why)
-        return model, result
+    if option == "shm":
+        result.shm_sync, failures = start_shm_sync(model, group, timeout_s, result.timer)
+        if result.shm_sync is not None:
+            _log_choice(comm, option, why)
+            return model, result
+        option = result.option = "gloo"
+        why = f"shared memory set-up failed ({failures}); falling back to the process group's all-reduce"
     ddp = DistributedDataParallel(
         model,
         device_ids=[device.index] if device.type == "cuda" else None,
@@ -357,10 +392,12 @@ def wrap_model(
         result.localsgd = localsgd
         result.averager = PeriodicModelAverager(period=LOCALSGD_PERIOD, warmup_steps=start)
     ddp.register_comm_hook(None, result.timer.timed(hook))
-    log.log(_level(comm, option), "gradient sync: %s (%s)", option, why)
+    _log_choice(comm, option, why)
     return ddp, result
 
 
-def _level(requested: str, option: str) -> int:
-    """A fallback from an explicit request is worth a warning; auto's choice is routine."""
-    return logging.WARNING if requested not in ("auto", option) else logging.INFO
+def _log_choice(requested: str, option: str, why: str) -> None:
+    """Rank 0 says which sync runs and why (a fallback from an explicit request as a warning; auto's
+    choice is routine); the other ranks, which decided the same, say it only under --log-all-ranks."""
+    level = logging.WARNING if requested not in ("auto", option) and dist.get_rank() == 0 else logging.INFO
+    log.log(level, "gradient sync: %s (%s)", option, why)

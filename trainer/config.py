@@ -66,6 +66,9 @@ class TrainConfig:
         "periodically; unset means 100 (trainer/comm.py). At least 2: PowerSGD needs two exact steps first.",
     )
     device: str = _opt("auto", "Device; auto picks CUDA when available.", ("auto", "cpu", "cuda"))
+    clip_grad_norm: float | None = _opt(
+        None, "Clip the gradients' global L2 norm to this value after the sync, before each optimiser step."
+    )
     timeout: float = _opt(120.0, "Seconds a collective may wait for a peer before the run fails instead of hanging.")
     log_every: int = _opt(
         100, "Log progress, record a per-rank step sample and act on a stop signal (SIGTERM/SIGINT) every N steps."
@@ -112,6 +115,7 @@ class TrainConfig:
             (self.max_steps is None or self.max_steps >= 1, "--max-steps must be at least 1"),
             (self.timeout > 0, "--timeout must be positive"),
             (self.comm_warmup_steps is None or self.comm_warmup_steps >= 2, "--comm-warmup-steps must be at least 2"),
+            (self.clip_grad_norm is None or self.clip_grad_norm > 0, "--clip-grad-norm must be positive, e.g. 1.0"),
             (self.log_every >= 1, "--log-every must be at least 1"),
             (self.global_batch_size is None or self.global_batch_size >= 1, "--global-batch-size must be at least 1"),
             (self.checkpoint_every >= 1, "--checkpoint-every must be at least 1"),

@@ -96,6 +96,8 @@ class Trainer:
         # synced gradients non-finite on every rank (trainer/guard.py), so all ranks skip or stop together.
         poison_nonfinite(loss).backward()
         if self.step_is_finite():
+            if self.cfg.clip_grad_norm is not None:  # the synced gradients: every rank clips the same
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad_norm)
             self.optimizer.step()
             if self.comm is not None:
                 self.comm.after_step(self.model.parameters())

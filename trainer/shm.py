@@ -1,9 +1,9 @@
 """Exact all-reduce of float32 gradients between the processes of one host, through shared memory.
 
-Gloo on loopback pays for socket traffic on every call, however small the message; two
-processes on one host can instead write their gradients into a shared mapping and add them.
-Each call is a reduce-scatter into one shared result followed by reading that result, so every
-element is added once, by one rank, and nobody copies the sum back out:
+Gloo on loopback pays for socket traffic on every call, however small the message; processes on
+one host can instead write their gradients into a shared mapping and add them. Each call is a
+reduce-scatter into one shared result, then every rank copies that result out into memory of its
+own (``out``), so what a caller gets is private: writing into it cannot touch a peer's numbers.
 
 1. the vector is cut into ``world_size`` chunks (cache-line aligned); rank ``r`` owns chunk ``r``;
 2. every rank writes ``x / divide_by`` of the chunks it does not own into its slot and publishes
@@ -11,7 +11,7 @@ element is added once, by one rank, and nobody copies the sum back out:
    that before phase 2);
 3. when all ranks have published phase 1, each owner adds the other ranks' slots of its chunk
    into the result, in rank order, and publishes phase 2;
-4. when all have published phase 2, the whole result is the sum on every rank (one shared copy).
+4. when all have published phase 2, each rank copies the whole result into ``out``.
 
 The arithmetic is gloo's sum of pre-divided gradients:
 
@@ -22,18 +22,38 @@ The arithmetic is gloo's sum of pre-divided gradients:
   another order, so against gloo the values agree up to float summation order (relative error
   of a few float32 ulps of the summed magnitudes).
 
-Two slot sets (``generation % 2``) mean a rank can start the next call while a peer still reads
-the previous result: a set is rewritten two calls later, after every rank has entered the call
-in between, and a rank is done with a result when it calls again.
+Two slot sets (``generation % 2``) let a rank start the next call while a peer still copies the
+previous result: a set is rewritten two calls later, after every rank has entered the call in
+between, and so has finished copying.
 
-Hazards handled here: x86-64 keeps stores in program order (TSO), which the flag-after-data
-publication relies on, so other architectures fall back to gloo. A waiting rank polls its peers'
-flags: it spins for ``SPIN_BEFORE_YIELD`` polls, then yields the CPU before every poll (at once
-when there are more ranks than CPUs), and once it has waited ``SLEEP_AFTER_S`` it also sleeps
-``SLEEP_S`` every ``SPIN_BEFORE_YIELD`` polls. Every ``LIVENESS_EVERY_S`` it checks that the peers
+What the protocol relies on. A rank publishes a phase by storing an int64 flag after the data
+stores it announces, and a peer reads the data only after it has loaded that flag's new value.
+No fence is issued: x86-64's memory model (TSO) keeps stores in program order and loads in
+program order, and makes stores visible to all cores in one order (so data written by torch's
+intra-op worker threads, which the calling thread joins before a kernel returns, is visible before
+the calling thread's flag). The data moves through torch kernels and the flags through numpy
+element accesses on the mapping: opaque C calls that the Python interpreter runs in program
+order and that really load or store memory (nothing is cached in a register across calls), and
+an aligned int64 store is atomic. Architectures with weaker ordering (Arm, POWER) would need
+fences that these calls do not issue, so they use gloo instead (``local_reason``).
+
+Waiting (``_wait_for_peers``): a rank whose peers have not published polls their flags back to
+back ``SPIN_POLLS`` times (a peer in the same step arrives within microseconds), then yields the
+CPU before each poll until it has waited ``YIELD_FOR_S`` (at once when there are more ranks than
+CPUs), then sleeps between polls, ``SLEEP_MIN_S`` doubling up to ``SLEEP_MAX_S``: a peer busy
+for longer (a checkpoint write, a slow step) costs the waiting rank a few percent of a core, and
+its arrival is noticed within ``SLEEP_MAX_S``. Every ``LIVENESS_EVERY_S`` it checks that the peers
 it waits for are alive, so a dead peer raises an error instead of hanging, and a stuck one raises
-after the timeout. The shared file is unlinked as soon as every rank has mapped it, so a crash
-later leaves nothing in ``/dev/shm``.
+after the timeout.
+
+The memory has no name: rank 0 makes it with ``memfd_create`` and the peers open it through
+``/proc/<rank 0's pid>/fd/<fd>`` (the host key guarantees one host and one PID namespace). Nothing
+is ever created in ``/dev/shm``, and the kernel frees the memory when the last process mapping it
+exits, however it exits. Earlier versions named the file ``/dev/shm/trainer-allreduce-<pid>-*``;
+``remove_leftovers`` deletes such files whose creator is gone.
+
+Set-up is collective and agreed (``open_reducer`` then ``agree``): any exception on any rank
+makes every rank fall back together, so no rank is left in a collective its peers skipped.
 """
 
 from __future__ import annotations
@@ -43,7 +63,6 @@ import logging
 import mmap
 import os
 import platform
-import secrets
 import socket
 import time
 from dataclasses import dataclass
@@ -58,18 +77,31 @@ from trainer.distributed import available_cpus
 log = logging.getLogger(__name__)
 
 SHM_DIR = Path("/dev/shm")
-NAME_PREFIX = "trainer-allreduce-"
+LEGACY_PREFIX = "trainer-allreduce-"  # files of earlier versions, named ``<prefix><creator pid>-<random>``
 FLAG_STRIDE = 8  # int64s per flag: one 64-byte cache line each, so ranks don't contend on a line
 CHUNK_ALIGN = 16  # float32s per 64-byte cache line
 X86_64 = ("x86_64", "amd64", "AMD64")
-SPIN_BEFORE_YIELD = 64  # polls before yielding the CPU on each further poll
-SLEEP_AFTER_S = 0.005  # a peer this late is not about to arrive: poll every SLEEP_S instead
-SLEEP_S = 0.0001
+SPIN_POLLS = 64  # back-to-back polls before the waiting rank starts yielding
+YIELD_FOR_S = 0.002  # then yield before each poll for this long ...
+SLEEP_MIN_S = 0.00005  # ... then sleep between polls, from this ...
+SLEEP_MAX_S = 0.001  # ... doubling up to this
 LIVENESS_EVERY_S = 0.05
+TEST_FAIL_ENV = "TRAINER_TEST_SHM_FAIL"  # test-only, see ``fail_for_tests``
+STAGES = ("verdict", "create", "size", "map", "sync")  # set-up stages ``fail_for_tests`` knows
 
 
 class PeerGone(RuntimeError):
     """A peer process died, or did not arrive within the timeout, during a shared-memory all-reduce."""
+
+
+def fail_for_tests(stage: str, rank: int) -> None:
+    """Test-only: raise at set-up ``stage`` (one of ``STAGES``) if ``TRAINER_TEST_SHM_FAIL`` is ``"<rank>:<stage>"``.
+
+    The tests set it to show that a failure on one rank makes every rank fall back to gloo
+    together; nothing else should. A ``RuntimeError``, not an ``OSError``: any exception must do.
+    """
+    if os.environ.get(TEST_FAIL_ENV) == f"{rank}:{stage}":
+        raise RuntimeError(f"{TEST_FAIL_ENV} made rank {rank} fail at {stage}")
 
 
 def host_key() -> str:
@@ -94,13 +126,14 @@ def _start_time(pid: int) -> int | None:
     return int(fields[19])
 
 
-def unsupported_reason(
-    tensor_device: torch.device,
-    host_keys: list[str],
-    machine: str | None = None,
-    dtypes: set[torch.dtype] | None = None,
+def local_reason(
+    tensor_device: torch.device, dtypes: set[torch.dtype], machine: str | None = None, rank: int = 0
 ) -> str | None:
-    """Why the shared-memory path cannot serve this group, or None when it can."""
+    """Why this process cannot take part in the shared-memory path, or None when it can.
+
+    Each rank's verdict is gathered and the group decides on all of them (``group_reason``).
+    """
+    fail_for_tests("verdict", rank)
     machine = platform.machine() if machine is None else machine
     if tensor_device.type != "cpu":
         return f"gradients live on {tensor_device.type}, not in host memory"
@@ -108,77 +141,166 @@ def unsupported_reason(
         return f"it sums float32 only, and the parameters are {', '.join(sorted(map(str, dtypes)))}"
     if machine not in X86_64:
         return f"{machine} may reorder stores; the flag protocol relies on x86-64's store order"
-    if not SHM_DIR.is_dir():
-        return f"{SHM_DIR} does not exist"
-    if len(set(host_keys)) != 1:
-        return f"the group spans {len(set(host_keys))} hosts (or PID namespaces)"
+    if not hasattr(os, "memfd_create"):
+        return "this system has no memfd_create"
+    if not Path("/proc/self/fd").is_dir():
+        return "/proc is not mounted"
     return None
 
 
-def create_shared_file(size: int) -> Path:
-    """A new, uniquely named file of ``size`` bytes in ``SHM_DIR``, its memory reserved up front."""
-    path = SHM_DIR / f"{NAME_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        # Reserve now: a full tmpfs then fails here (and we fall back) instead of SIGBUS mid-training.
-        os.posix_fallocate(fd, 0, size)
-    except OSError:
-        os.close(fd)
-        path.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    return path
+def group_reason(verdicts: list[tuple[str, str | None]]) -> str | None:
+    """Why the group cannot use shared memory, from every rank's ``(host_key(), local_reason())``; None if it can.
 
-
-def map_shared_file(path: Path, size: int) -> mmap.mmap:
-    """``path`` mapped read-write and shared (the descriptor is closed; the mapping keeps the file)."""
-    fd = os.open(path, os.O_RDWR)
-    try:
-        return mmap.mmap(fd, size)
-    finally:
-        os.close(fd)
-
-
-def open_shared_mapping(group: dist.ProcessGroup, size: int) -> tuple[mmap.mmap, Path]:
-    """One shared file of ``size`` bytes, mapped by every rank of ``group``; collective.
-
-    Rank 0 creates the file and broadcasts its name; every rank maps it; the file is unlinked
-    once all have (the mappings keep the memory), so a crash later leaves nothing in ``SHM_DIR``.
-    Returns the mapping and the file's (already unlinked) path. Raises ``OSError`` on every rank
-    if any rank failed, so callers can fall back together.
+    A pure function of the gathered list, so every rank reaches the same decision.
     """
-    rank, world_size = dist.get_rank(group), dist.get_world_size(group)
-    name = [""]
-    path: Path | None = None
-    mapping: mmap.mmap | None = None
-    error = ""
+    for rank, (_, reason) in enumerate(verdicts):
+        if reason:
+            return f"rank {rank}: {reason}"
+    hosts = {key for key, _ in verdicts}
+    if len(hosts) != 1:
+        return f"the group spans {len(hosts)} hosts (or PID namespaces)"
+    return None
+
+
+def remove_leftovers(directory: Path = SHM_DIR) -> list[str]:
+    """Delete the named shared files earlier versions left in ``directory`` when their creator died.
+
+    A file is kept while a process with its creator's pid lives (in this PID namespace) and
+    started before the file was made (a later start means the pid was reused). Returns the names
+    removed. A live job's memory is never among them: current versions create no named file.
+    """
+    removed = []
+    boot = _boot_time()
+    ticks = os.sysconf("SC_CLK_TCK")
+    for path in directory.glob(f"{LEGACY_PREFIX}*"):
+        try:
+            pid = int(path.name[len(LEGACY_PREFIX) :].split("-")[0])
+            made = path.stat().st_mtime
+        except (ValueError, OSError):
+            continue
+        started = _start_time(pid)
+        # btime has one-second resolution: a process started up to 1 s after the file may be its creator.
+        if started is not None and (boot is None or boot + started / ticks <= made + 1.0):
+            continue
+        with contextlib.suppress(OSError):
+            path.unlink()
+            removed.append(path.name)
+    return removed
+
+
+def _boot_time() -> float | None:
+    """Seconds since the epoch at boot (``btime`` in /proc/stat), or None if unreadable."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/stat").read_text().splitlines():
+            if line.startswith("btime "):
+                return float(line.split()[1])
+    return None
+
+
+def create_memory(size: int, rank: int = 0) -> int:
+    """A file descriptor for ``size`` bytes of anonymous shared memory (no name anywhere), reserved up front."""
+    fail_for_tests("create", rank)
+    fd = os.memfd_create("trainer-allreduce", os.MFD_CLOEXEC)
     try:
-        if rank == 0:
-            try:
-                path = create_shared_file(size)
-                name[0] = path.name
-            except OSError as exc:
-                error = f"rank 0 could not create it: {exc}"
-        # Every rank reaches this broadcast and the gather below, failure or not, so no rank is
-        # left waiting in a collective and all of them fall back together.
-        dist.broadcast_object_list(name, src=dist.get_global_rank(group, 0), group=group)
-        if name[0]:
-            try:
-                mapping = map_shared_file(SHM_DIR / name[0], size)
-            except OSError as exc:
-                error = f"rank {rank}: {exc}"
-        errors: list[str] = [""] * world_size
-        # Doubles as the barrier after which nobody needs the name any more.
-        dist.all_gather_object(errors, error, group=group)
+        fail_for_tests("size", rank)
+        # Reserve now: a full tmpfs then fails here (and all ranks fall back) instead of SIGBUS mid-training.
+        os.posix_fallocate(fd, 0, size)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def map_memory(owner_pid: int, fd: int, size: int, rank: int = 0) -> mmap.mmap:
+    """Map ``size`` bytes of the memory that process ``owner_pid`` holds as ``fd`` (its own, if it is us)."""
+    fail_for_tests("map", rank)
+    if owner_pid == os.getpid():
+        return mmap.mmap(fd, size)
+    # Reopening through /proc needs the same user (ptrace read access); hardened kernels refuse it,
+    # and then every rank falls back together.
+    peer_fd = os.open(f"/proc/{owner_pid}/fd/{fd}", os.O_RDWR)
+    try:
+        return mmap.mmap(peer_fd, size)
     finally:
-        if path is not None:
-            path.unlink(missing_ok=True)
-    failures = [e for e in errors if e]
-    if failures or mapping is None:
-        if mapping is not None:
-            mapping.close()
-        raise OSError(f"shared memory could not be mapped: {'; '.join(failures)}")
-    return mapping, SHM_DIR / name[0]
+        os.close(peer_fd)
+
+
+def open_shared_mapping(group: dist.ProcessGroup, size: int, rank: int) -> tuple[mmap.mmap | None, int, str, list]:
+    """One shared mapping of ``size`` bytes for every rank of ``group``; collective, not yet agreed.
+
+    Every rank reaches the same single collective whatever fails locally. Returns this rank's
+    mapping (None on failure), rank 0's descriptor (-1 elsewhere; the peers open it through
+    /proc, so rank 0 keeps it open until the mapping is closed), this rank's error ("" if none),
+    and every rank's ``[pid, start time, fd]``.
+    """
+    fd, error = -1, ""
+    me = [os.getpid(), None, fd]
+    try:
+        me[1] = _start_time(os.getpid())
+        if dist.get_rank(group) == 0:
+            me[2] = fd = create_memory(size, rank)
+    except Exception as exc:
+        error = describe(rank, "creating shared memory", exc)
+    identities: list[list] = [[] for _ in range(dist.get_world_size(group))]
+    dist.all_gather_object(identities, me, group=group)
+    mapping = None
+    owner_pid, _, owner_fd = identities[0]
+    if owner_fd >= 0 and not error:
+        try:
+            mapping = map_memory(owner_pid, owner_fd, size, rank)
+        except Exception as exc:
+            error = describe(rank, "mapping shared memory", exc)
+    return mapping, fd, error, identities
+
+
+def describe(rank: int, doing: str, exc: BaseException) -> str:
+    """One line naming the rank, what it was doing and the exception."""
+    return f"rank {rank} failed {doing}: {type(exc).__name__}: {exc}"
+
+
+def agree(group: dist.ProcessGroup, error: str) -> str:
+    """Every rank's set-up error, joined ("" if none failed); collective, the same on every rank."""
+    errors: list[str] = [""] * dist.get_world_size(group)
+    dist.all_gather_object(errors, error, group=group)
+    return "; ".join(e for e in errors if e)
+
+
+def open_reducer(group: dist.ProcessGroup, capacity: int, timeout_s: float) -> tuple[ShmAllreduce | None, str]:
+    """This rank's ``ShmAllreduce`` over ``group``, or None and why; collective, not yet agreed.
+
+    The caller finishes its own set-up, then passes this rank's error (or its own) to ``agree``
+    and closes the reducer if any rank failed.
+    """
+    rank = dist.get_rank()
+    world_size = dist.get_world_size(group)
+    header = world_size * FLAG_STRIDE * 8
+    # Two slot sets of one slot per rank, and two result vectors.
+    size = header + 2 * (world_size + 1) * capacity * 4
+    mapping, fd, error, identities = open_shared_mapping(group, size, rank)
+    if mapping is None:
+        if fd >= 0:
+            os.close(fd)
+        return None, error
+    try:
+        return ShmAllreduce(group, mapping, fd, identities, capacity, timeout_s), ""
+    except Exception as exc:
+        mapping.close()
+        if fd >= 0:
+            os.close(fd)
+        return None, describe(rank, "setting up the shared-memory all-reduce", exc)
+
+
+def open_agreed(group: dist.ProcessGroup, capacity: int, timeout_s: float) -> ShmAllreduce:
+    """``open_reducer`` and ``agree`` in one, for callers with no set-up of their own (benchmarks,
+    tests); collective. Raises ``OSError`` on every rank if any rank failed."""
+    reducer, error = open_reducer(group, capacity, timeout_s)
+    failures = agree(group, error)
+    if failures:
+        if reducer is not None:
+            reducer.close()
+        raise OSError(f"shared memory could not be set up: {failures}")
+    assert reducer is not None
+    return reducer
 
 
 @dataclass(frozen=True)
@@ -212,7 +334,7 @@ class _Plan:
     to_own: list[tuple[int, slice, torch.Tensor]]  # (tensor, its elements, where in the own chunk's result)
     own_result: torch.Tensor  # the chunk this rank sums, in the shared result
     own_from_peers: list[torch.Tensor]  # the same chunk in each peer's slot, in rank order
-    results: list[torch.Tensor]  # each tensor's span of the shared result
+    result: torch.Tensor  # the whole shared result, the inputs laid end to end
 
 
 def chunk_bounds(total: int, world_size: int) -> list[tuple[int, int]]:
@@ -223,28 +345,28 @@ def chunk_bounds(total: int, world_size: int) -> list[tuple[int, int]]:
 
 
 class ShmAllreduce:
-    """Sum of float32 tensors of up to ``capacity`` elements over ``group``, all on one host: ``allreduce``
-    hands out views of the shared result, ``allreduce_`` copies it back into the tensor.
-
-    Collective to construct: every rank of ``group`` must call it. Raises ``OSError`` (on every
-    rank) if any rank could not map the shared file, so callers can fall back together.
+    """Sum of float32 tensors of up to ``capacity`` elements over ``group``, all on one host, into
+    memory the caller owns. Made by ``open_reducer``.
     """
 
-    def __init__(self, group: dist.ProcessGroup, capacity: int, timeout_s: float) -> None:
+    def __init__(
+        self,
+        group: dist.ProcessGroup,
+        mapping: mmap.mmap,
+        fd: int,
+        identities: list[list],
+        capacity: int,
+        timeout_s: float,
+    ) -> None:
         self.group = group
         self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
         self.capacity, self.timeout_s = capacity, timeout_s
         self._generation = 0
         # More ranks than CPUs: a spinning rank would steal the core its peer needs to arrive.
         self._yield_always = available_cpus() < self.world_size
-        identity = [os.getpid(), _start_time(os.getpid())]
-        peers: list[list[int | None]] = [[] for _ in range(self.world_size)]
-        dist.all_gather_object(peers, identity, group=group)
-        self._peers = [(r, int(pid), start) for r, (pid, start) in enumerate(peers) if r != self.rank]
-
+        self._peers = [(r, int(pid), start) for r, (pid, start, _) in enumerate(identities) if r != self.rank]
+        self._map, self._fd = mapping, fd
         header = self.world_size * FLAG_STRIDE * 8
-        # Two slot sets of one slot per rank, and two result vectors.
-        self._map, self.path = open_shared_mapping(group, header + 2 * (self.world_size + 1) * capacity * 4)
         self._flags = np.frombuffer(self._map, dtype=np.int64, count=self.world_size * FLAG_STRIDE)
         data = torch.frombuffer(
             self._map, dtype=torch.float32, offset=header, count=(self.world_size + 1) * 2 * capacity
@@ -253,26 +375,20 @@ class ShmAllreduce:
         self._results = data[2 * self.world_size * capacity :].view(2, capacity)
         self._plans: dict[tuple[int, ...], tuple[_Plan, _Plan]] = {}
 
-    def owns(self, tensor: torch.Tensor) -> bool:
-        """Whether ``tensor``'s memory lies in this reducer's shared mapping (a result handed out)."""
-        start = self._slots.data_ptr()
-        end = self._results.data_ptr() + self._results.numel() * 4
-        return start <= tensor.data_ptr() < end
-
     def allreduce_(self, tensor: torch.Tensor, divide_by: int = 1) -> torch.Tensor:
         """Replace ``tensor`` (contiguous float32, at most ``capacity`` elements) by the group's sum of
         ``tensor / divide_by`` (``divide_by`` = world size gives DDP's average, divided before summing)."""
         if self.world_size == 1:
             return tensor.div_(divide_by)
-        (result,) = self.allreduce([tensor], divide_by)
-        return tensor.copy_(result)
+        self.allreduce([tensor], tensor.view(-1), divide_by)
+        return tensor
 
-    def allreduce(self, tensors: list[torch.Tensor], divide_by: int = 1) -> list[torch.Tensor]:
-        """The group's sums of ``tensor / divide_by`` for each of ``tensors`` (contiguous float32, at
-        most ``capacity`` elements in all), as views of the shared result shaped like the inputs.
+    def allreduce(self, tensors: list[torch.Tensor], out: torch.Tensor, divide_by: int = 1) -> None:
+        """Write the group's sums of ``tensor / divide_by`` for ``tensors`` (contiguous float32, at most
+        ``capacity`` elements in all), laid end to end, into ``out`` (flat, contiguous, private).
 
-        The views hold the result until this rank calls again (a peer may overwrite them once every
-        rank has entered the next call), and peers read them meanwhile: read or copy, never write.
+        ``out`` may alias the inputs: they are read before the result is written. It is this
+        rank's own memory, so anything may be done to it afterwards.
         """
         generation = self._generation + 1
         plan = self._plan(tuple(t.numel() for t in tensors))[generation % 2]
@@ -287,8 +403,9 @@ class ShmAllreduce:
             plan.own_result.add_(slot)
         self._flags[self.rank * FLAG_STRIDE] = 2 * generation
         self._wait_for_peers(2 * generation)
+        # Before this rank calls again (and so before any peer can rewrite this slot set).
+        out.copy_(plan.result)
         self._generation = generation
-        return [result.view(t.shape) for t, result in zip(tensors, plan.results, strict=True)]
 
     def _plan(self, sizes: tuple[int, ...]) -> tuple[_Plan, _Plan]:
         if sizes not in self._plans:
@@ -311,28 +428,29 @@ class ShmAllreduce:
                     for s in spans
                     if s.owner == self.rank
                 ]
-                starts = [sum(sizes[:i]) for i in range(len(sizes))]
-                results = [result[start : start + size] for start, size in zip(starts, sizes, strict=True)]
                 peers = [slots[peer][lo:hi] for peer in range(self.world_size) if peer != self.rank]
-                plans.append(_Plan(to_peers, to_own, result[lo:hi], peers, results))
+                plans.append(_Plan(to_peers, to_own, result[lo:hi], peers, result[:total]))
             self._plans[sizes] = (plans[0], plans[1])
         return self._plans[sizes]
 
     def _wait_for_peers(self, phase: int) -> None:
+        """Return once every peer has published ``phase``: spin, then yield, then sleep (module docstring)."""
         flags = self._flags
         waiting = [peer for peer in self._peers if flags[peer[0] * FLAG_STRIDE] < phase]
         polls = 0
         started = next_check = 0.0
+        sleep_s = SLEEP_MIN_S
         while waiting:
             polls += 1
-            if self._yield_always or polls > SPIN_BEFORE_YIELD:
-                os.sched_yield()
-            if polls % SPIN_BEFORE_YIELD == 0:
+            if self._yield_always or polls > SPIN_POLLS:
                 now = time.monotonic()
                 if not started:
                     started, next_check = now, now + LIVENESS_EVERY_S
-                if now - started > SLEEP_AFTER_S:
-                    time.sleep(SLEEP_S)
+                if now - started < YIELD_FOR_S:
+                    os.sched_yield()
+                else:
+                    time.sleep(sleep_s)
+                    sleep_s = min(2 * sleep_s, SLEEP_MAX_S)
                 if now >= next_check:
                     next_check = now + LIVENESS_EVERY_S
                     self._check_peers(waiting, now - started)
@@ -347,8 +465,10 @@ class ShmAllreduce:
             raise PeerGone(f"rank(s) {ranks} did not reach the shared-memory all-reduce within {self.timeout_s:.0f} s")
 
     def close(self) -> None:
-        """Release the mapping (the file itself was unlinked when every rank had mapped it)."""
+        """Release the mapping (and, on rank 0, the descriptor the peers opened it through)."""
         del self._slots, self._results, self._flags, self._plans
-        # A caller may still hold a view; the mapping then goes with the last reference.
-        with contextlib.suppress(BufferError):
+        with contextlib.suppress(BufferError):  # a stray view keeps the mapping until it goes
             self._map.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

@@ -1,0 +1,124 @@
+"""The shared-memory sync through the real trainer under torchrun: gradient clipping gives gloo's
+weights, a set-up failure on one rank sends every rank to gloo, and nothing is left in /dev/shm.
+
+Tolerance at world size 3 (shm and gloo add three terms in different orders, so their gradients
+differ by float32 rounding, and 30 SGD steps carry that into the weights): the largest difference
+of any parameter between ``--comm auto`` and ``--comm gloo`` is at most ``WORLD3_MAX_ABS_DIFF``.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from tests.conftest import Launched, assert_ok, clean_env, read_summary, run_torchrun, torchrun_cmd, wait_until
+from tests.faults import has_trained, workers
+from tests.test_comm import shm_entries
+from trainer import shm
+from trainer.config import TrainConfig
+from trainer.errors import UsageError
+
+STEPS = 30
+# Small runs; --clip-grad-norm 0.1 is below this MLP's gradient norm, so every step clips.
+ARGS = ("--epochs", "1", "--hidden", "64", "--log-every", "10", "--log-all-ranks")
+CLIP = ("--max-steps", str(STEPS), "--clip-grad-norm", "0.1", "--checkpoint-every", str(STEPS))
+WORLD3_MAX_ABS_DIFF = 1e-6
+# One set-up stage made to fail on one rank, per world size (trainer/shm.py, fail_for_tests).
+FAILURES = {2: "1:map", 3: "2:sync"}
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    path = run_dir / "checkpoints" / f"step-{STEPS:08d}.pt"
+    return torch.load(path, weights_only=True)["model"]
+
+
+@pytest.fixture(scope="module", params=[2, 3])
+def clipped_runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """``gloo``, ``auto`` and ``auto`` with a set-up failure on one rank, each with clipping, at world size 2 or 3."""
+    world, root = request.param, tmp_path_factory.mktemp(f"clip{request.param}")
+    before = shm_entries()
+    runs: dict[str, object] = {"world": world}
+    for name, comm, env in [
+        ("gloo", "gloo", {}),
+        ("auto", "auto", {}),
+        ("failed", "auto", {shm.TEST_FAIL_ENV: FAILURES[world]}),
+    ]:
+        run_dir = root / name
+        result = run_torchrun(world, [*ARGS, *CLIP, "--comm", comm, "--run-dir", str(run_dir)], timeout=300, **env)
+        assert_ok(result)
+        runs[name] = (run_dir, result.stderr)
+    assert shm_entries() - before == set(), "shared memory left behind"
+    return runs
+
+
+def test_clipping_under_shm_gives_gloo_weights(clipped_runs: dict) -> None:
+    """Each rank clips its own copy of the synced gradients: bit for bit gloo's weights at world size 2,
+    within float32 summation order (``WORLD3_MAX_ABS_DIFF``) at 3."""
+    (auto_dir, auto_log), (gloo_dir, _) = clipped_runs["auto"], clipped_runs["gloo"]
+    for rank in range(clipped_runs["world"]):
+        assert f"[rank {rank}] INFO gradient sync: shm (auto" in auto_log
+    if clipped_runs["world"] == 2:
+        assert read_summary(auto_dir)["params_sha256"] == read_summary(gloo_dir)["params_sha256"]
+        return
+    ours, theirs = final_weights(auto_dir), final_weights(gloo_dir)
+    worst = max(float((ours[name] - theirs[name]).abs().max()) for name in ours)
+    assert worst <= WORLD3_MAX_ABS_DIFF, f"shm and gloo weights differ by up to {worst:.3g}"
+
+
+def test_a_setup_failure_on_one_rank_sends_every_rank_to_gloo(clipped_runs: dict) -> None:
+    """The job finishes; every rank says it uses gloo, with the failing rank's reason; weights equal gloo's
+    bit for bit (at world size 3 only gloo's own summation order gives that)."""
+    (failed_dir, log), (gloo_dir, _) = clipped_runs["failed"], clipped_runs["gloo"]
+    rank, stage = FAILURES[clipped_runs["world"]].split(":")
+    for r in range(clipped_runs["world"]):
+        assert f"[rank {r}] INFO gradient sync: gloo (shared memory set-up failed (rank {rank} failed" in log
+    assert f"{shm.TEST_FAIL_ENV} made rank {rank} fail at {stage}" in log
+    assert read_summary(failed_dir)["params_sha256"] == read_summary(gloo_dir)["params_sha256"]
+
+
+def memfd_mapped(pid: int) -> bool:
+    """Whether ``pid`` maps the trainer's unnamed shared memory."""
+    return "/memfd:trainer-allreduce" in Path(f"/proc/{pid}/maps").read_text()
+
+
+@pytest.mark.parametrize("end", ["sigterm", "kill -9, no restart", "kill -9, then a restart"])
+def test_nothing_left_in_dev_shm(tmp_path: Path, end: str) -> None:
+    """While training, the ranks share unnamed memory and no file of theirs is in /dev/shm; after the job
+    ends by SIGTERM, or by kill -9 of rank 1 with or without a restart, none is either."""
+    run_dir, before = tmp_path / "run", shm_entries()
+    restarts = "1" if end.endswith("restart") else "0"
+    # Long enough (about 10 s of steps) that the signal or the kill lands mid-training.
+    args = [*ARGS, "--max-steps", "600", "--checkpoint-every", "20", "--run-dir", str(run_dir)]
+    cmd = torchrun_cmd(2, args, [f"--max-restarts={restarts}", "--monitor-interval=0.2"])
+    job = Launched(cmd, clean_env(), tmp_path / "job.log")
+    try:
+        wait_until(lambda: has_trained(run_dir, 0) and has_trained(run_dir, 1), 180, "both ranks' first step", job)
+        ranks = workers(job.pid)
+        assert all(memfd_mapped(p.pid) for p in ranks.values()), "the ranks do not share the unnamed memory"
+        pids = {str(p.pid) for p in ranks.values()}
+        assert not {name for name in shm_entries() if name.split("-")[2] in pids}, "a rank named its memory"
+        if end == "sigterm":
+            job.proc.send_signal(signal.SIGTERM)
+            assert job.wait(120) != 0
+        else:
+            ranks[1].kill()
+            psutil.wait_procs([ranks[1]], timeout=30)
+            code = job.wait(240)
+            assert (code == 0) == (restarts == "1"), job.output()[-4000:]
+    finally:
+        job.kill()
+    assert shm_entries() - before == set(), "shared memory left behind"
+    if restarts == "1":
+        assert read_summary(run_dir)["restarts"] >= 1
+    else:
+        assert not (run_dir / "summary.json").exists(), "the job finished before it was stopped"
+
+
+def test_clip_grad_norm_must_be_positive() -> None:
+    assert TrainConfig(clip_grad_norm=0.5).clip_grad_norm == 0.5
+    with pytest.raises(UsageError, match="--clip-grad-norm must be positive"):
+        TrainConfig(clip_grad_norm=0.0)
