@@ -19,7 +19,7 @@ from typing import Any
 import psutil
 import torch
 
-from trainer.jobs import fresh_job_env, torchrun_command
+from trainer.jobs import fresh_job_env
 from trainer.machine import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,10 +60,6 @@ def child_env(**extra: str) -> dict[str, str]:
     the processes they start see no GPU even on a host that has one.
     """
     return fresh_job_env(pythonpath=REPO, **extra)
-
-
-# benchmarks.sync still imports the command by this name; it goes when sync imports trainer.jobs.
-torchrun = torchrun_command
 
 
 @dataclass

@@ -46,10 +46,10 @@ from benchmarks.common import (
     publish,
     results_dir,
     run_checked,
-    torchrun,
     write_csv,
     write_json,
 )
+from trainer.jobs import torchrun_command
 
 SIZES_BYTES = (4 * 2**10, 64 * 2**10, 512 * 2**10, 2_143_272, 8 * 2**20)  # 2,143,272 B = this MLP's gradients
 DDP_OPTIONS = ("gloo (one bucket)", "gloo", "shm", "bf16", "fp16", "powersgd", "localsgd")
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     ddp: list[dict[str, Any]] = []
     lines: list[dict[str, Any]] = []
     for world in (int(w) for w in args.world_sizes.split(",")):
-        cmd = torchrun(
+        cmd = torchrun_command(
             world, "benchmarks.sync", ["--calls", str(args.calls), "--rounds", str(args.rounds), "--out", str(out)]
         )
         run_checked(cmd, child_env(), timeout=600)

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from trainer import shm
-from trainer.comm import COMM_OPTIONS, wrap_model
-from trainer.config import TrainConfig
+from trainer.comm import wrap_model
+from trainer.config import COMM_OPTIONS, TrainConfig
 from trainer.model import build_model
 
 WARMUP = 2  # exact steps before PowerSGD / local SGD change the arithmetic

@@ -32,7 +32,7 @@ import torch
 
 from tests.conftest import REPO, assert_ok, clean_env, free_port, run_process
 from trainer import shm
-from trainer.comm import COMM_OPTIONS
+from trainer.config import COMM_OPTIONS
 from trainer.jobs import torchrun_command
 
 WORKER = "tests.comm_worker"  # a module, as torchrun_command starts it
