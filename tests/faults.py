@@ -10,7 +10,7 @@ from typing import Any
 import psutil
 
 # Columns of metrics.csv that an interrupted run must reproduce exactly (the rest are timings).
-EXACT_COLUMNS = ("epoch", "global_step", "train_loss", "val_loss", "val_accuracy")
+EXACT_COLUMNS = ("epoch", "global_step", "train_loss", "train_accuracy", "val_loss", "val_accuracy")
 
 
 def records(path: Path) -> list[dict[str, Any]]:

@@ -44,6 +44,7 @@ class TrainState:
     consumed: int = 0  # global samples of that epoch already trained on
     global_step: int = 0
     epoch_loss_sum: float = 0.0  # sum over the epoch's steps of the batch loss averaged over ranks
+    epoch_correct: float = 0.0  # training samples of the epoch the model got right as it trained on them
     epoch_steps: int = 0
     epoch_seconds: float = 0.0  # training time spent in the epoch so far
     train_seconds: float = 0.0  # training time of the whole run (evaluation excluded)
@@ -86,11 +87,14 @@ class Trainer:
 
     # -- one step ------------------------------------------------------------------------
     def train_step(self, positions: torch.Tensor, times: StepTimes) -> torch.Tensor:
+        """One optimiser step on this rank's batch; returns (loss, samples predicted right) as float64."""
         started = time.perf_counter()
         positions = positions.to(self.device, non_blocking=True)
         inputs, targets = self.data.train_x[positions], self.data.train_y[positions]
         loaded = self.clock()
-        loss = F.cross_entropy(self.forward(inputs), targets)
+        logits = self.forward(inputs)
+        loss = F.cross_entropy(logits, targets)
+        correct = (logits.detach().argmax(dim=1) == targets).sum()
         self.optimizer.zero_grad(set_to_none=True)
         # Ends with the gradient sync of the --comm option; a non-finite loss on any rank makes the
         # synced gradients non-finite on every rank (trainer/guard.py), so all ranks skip or stop together.
@@ -101,12 +105,12 @@ class Trainer:
             self.optimizer.step()
             if self.comm is not None:
                 self.comm.after_step(self.model.parameters())
-        else:
-            loss = torch.zeros_like(loss)  # the skipped step adds nothing to the epoch's loss
+        else:  # the skipped step adds nothing to the epoch's loss and accuracy
+            loss, correct = torch.zeros_like(loss), torch.zeros_like(correct)
         finished = self.clock()
         sync_ms = self.comm.take_ms() if self.comm is not None else 0.0
         times.add((loaded - started) * 1e3, (finished - loaded) * 1e3 - sync_ms, sync_ms)
-        return loss.detach()
+        return torch.stack((loss.detach().double(), correct.double()))
 
     def step_is_finite(self) -> bool:
         """Whether this step's synced gradients are finite, the same verdict on every rank (trainer/guard.py).
@@ -145,14 +149,14 @@ class Trainer:
         )
         # float64: float32 losses add up exactly, so the epoch loss does not depend on where the
         # windows fell (a run continued from --max-steps has one boundary more than an uninterrupted one).
-        window, window_loss = StepTimes(), torch.zeros((), dtype=torch.float64, device=self.device)
+        window, window_sums = StepTimes(), torch.zeros(2, dtype=torch.float64, device=self.device)
         steps_done = 0
         mark = time.perf_counter()
         with self.progress.epoch_bar(plan.steps, state.epoch) as bar:
             for positions in plan.batches():
                 if self.max_steps_reached():
                     break
-                window_loss += self.train_step(positions, window)
+                window_sums += self.train_step(positions, window)
                 steps_done += 1
                 state.global_step += 1
                 state.consumed = plan.consumed_after(steps_done)
@@ -163,8 +167,8 @@ class Trainer:
                 if not (at_log or at_checkpoint or last or self.max_steps_reached()):
                     continue
                 mark = self._add_time(mark)
-                stop = self._end_window(window, window_loss, bar, at_log)
-                window, window_loss = StepTimes(), torch.zeros((), dtype=torch.float64, device=self.device)
+                stop = self._end_window(window, window_sums, bar, at_log)
+                window, window_sums = StepTimes(), torch.zeros(2, dtype=torch.float64, device=self.device)
                 # The epoch's last step and the --max-steps step get theirs after evaluation, in ``train``.
                 if stop or (at_checkpoint and not (last or self.max_steps_reached())):
                     self.write_checkpoint()
@@ -177,15 +181,17 @@ class Trainer:
         self._add_time(mark)
         return steps_done == plan.steps
 
-    def _end_window(self, window: StepTimes, window_loss: torch.Tensor, bar: Any, at_log: bool) -> bool:
-        """Fold a window of steps into the epoch and run totals and record it; True if the ranks stop."""
+    def _end_window(self, window: StepTimes, window_sums: torch.Tensor, bar: Any, at_log: bool) -> bool:
+        """Fold a window of steps (``window_sums``: loss and correct predictions) into the epoch and
+        run totals and record it; True if the ranks stop."""
         state, world_size = self.state, self.dist_env.world_size
-        loss_sum = float(window_loss)
+        loss_sum, correct = window_sums.tolist()
         # One small collective per window: every rank calls it at the same step, so it cannot
         # deadlock, and it makes the epoch loss and the stop decision global (a signal may reach
         # one rank only). A dead peer makes it fail after --timeout instead of hanging.
-        total_loss, stopping = reduce_sum([loss_sum, float(self.stop.requested)], self.device)
+        total_loss, total_correct, stopping = reduce_sum([loss_sum, correct, float(self.stop.requested)], self.device)
         state.epoch_loss_sum += total_loss / world_size
+        state.epoch_correct += total_correct
         state.epoch_steps += window.steps
         state.samples_trained += window.steps * self.batch_size * world_size
         self.progress.window_done(state, window, loss_sum / window.steps, bar, at_log)
@@ -223,7 +229,7 @@ class Trainer:
             state = self.state
             state.epoch += 1
             state.consumed = 0
-            state.epoch_loss_sum, state.epoch_steps, state.epoch_seconds = 0.0, 0, 0.0
+            state.epoch_loss_sum, state.epoch_correct, state.epoch_steps, state.epoch_seconds = 0.0, 0.0, 0, 0.0
 
     # -- the run ------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:

@@ -182,6 +182,8 @@ class Progress:
             "epoch": state.epoch + 1,
             "global_step": state.global_step,
             "train_loss": state.epoch_loss_sum / steps if steps else float("nan"),
+            # Over the epoch's batches as they were trained on (the model changing meanwhile).
+            "train_accuracy": state.epoch_correct / state.consumed if state.consumed else float("nan"),
             "val_loss": val_loss,
             "val_accuracy": val_accuracy,
             "epoch_seconds": seconds,

@@ -165,6 +165,8 @@ def plot_epochs(run: Run, ax_loss: Any, ax_acc: Any) -> None:
     epochs = [row["epoch"] for row in run.epochs]
     ax_loss.plot(epochs, [row["train_loss"] for row in run.epochs], "o-", label="train")
     ax_loss.plot(epochs, [row["val_loss"] for row in run.epochs], "s-", label="validation")
+    if all("train_accuracy" in row for row in run.epochs):  # runs recorded before it was logged lack it
+        ax_acc.plot(epochs, [row["train_accuracy"] for row in run.epochs], "o-", label="train")
     ax_acc.plot(epochs, [row["val_accuracy"] for row in run.epochs], "s-", color="tab:orange", label="validation")
     if run.summary and epochs:
         ax_loss.plot([epochs[-1]], [run.summary["test_loss"]], "*", markersize=12, color="tab:green", label="test")
