@@ -17,8 +17,8 @@ directories are "shared storage") and the boot are the machine's.
 
 Reuse: ``make_hosts(n, workdir)`` makes them and removes them afterwards; ``Host.prefix()`` is
 the command prefix that runs a command "on" a host (for daemons started some other way), and
-``Host.run`` starts one as a ``Launched``. Needs root and iproute2; ``HostsUnavailable`` says why
-not where the machine refuses.
+``Host.run`` starts one as a ``Launched``; ``Host.runs(pid)`` says whether a process runs on it.
+Needs root and iproute2; ``HostsUnavailable`` says why not where the machine refuses.
 """
 
 from __future__ import annotations
@@ -74,6 +74,14 @@ class Host:
             self.name,
             str(self.hosts_file),
         ]
+
+    def runs(self, pid: int) -> bool:
+        """Whether process ``pid`` runs on this host: all of its processes, and only they, share its
+        network namespace (each command has UTS and mount namespaces of its own)."""
+        try:
+            return os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(f"/var/run/netns/{self.netns}").st_ino
+        except OSError:  # the process has ended, or the host is gone
+            return False
 
     def env(self, env: dict[str, str]) -> dict[str, str]:
         """``env`` for a process on this host: gloo must use the link, not the loopback."""

@@ -1,13 +1,14 @@
 """A real Slurm cluster of two nodes on this machine, for the tests of launch/slurm.sbatch.
 
 ``munged``, ``slurmctld`` and one ``slurmd`` per node, each node a test host of its own
-(tests/testhosts.py: network namespace, address and host name). The daemons run as root from a
-``slurm.conf`` written here, with Slurm's timers shortened so that requeues and node failures play
-out in seconds. They daemonise (they are not children of the test process); ``stop`` ends them
-by their pid files and removes the hosts, whatever state the tests left.
+(tests/hosts.py: network namespace, address, host name ``node0``/``node1`` and ``/dev/shm``). The
+daemons run as root from a ``slurm.conf`` written here, with Slurm's timers shortened so that
+requeues and node failures play out in seconds. They daemonise (they are not children of the test
+process); ``stop`` ends them by their pid files and removes the hosts, whatever state the tests left.
 
-Slurm reaches the nodes by address (``NodeAddr``): the host names exist only inside the hosts,
-not in any resolver, as on a cluster whose node names are not in DNS.
+A node's ``slurmd`` is started on its host, so the job steps it starts share its host name, its
+``/dev/shm`` and the hosts' ``/etc/hosts``. Slurm reaches the nodes by address (``NodeAddr``), as
+launch/slurm.sbatch does.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import wait_until
-from testhosts import Host, HostsUnavailable, make_hosts
+from hosts import Host, HostsUnavailable, make_hosts
 
 CPUS = 2  # per node, as the machine has
 # Marks every process of the cluster's jobs: set for sbatch only, which passes it on to the job.
@@ -76,7 +77,7 @@ KILL_WAIT = 30
 class SlurmCluster:
     """Two nodes, the controller on the first; Slurm's commands run inside the first node."""
 
-    def __init__(self, hosts: tuple[Host, Host], workdir: Path, tag: str) -> None:
+    def __init__(self, hosts: list[Host], workdir: Path, tag: str) -> None:
         self.hosts, self.dir, self.tag = hosts, workdir, tag
         self.conf = workdir / "slurm.conf"
 
@@ -93,7 +94,7 @@ class SlurmCluster:
     ) -> subprocess.CompletedProcess[str]:
         """A Slurm command, run on the first node (where slurmctld listens)."""
         result = subprocess.run(
-            [*self.hosts[0].enter(), *args],
+            [*self.hosts[0].prefix(), *args],
             env=env or self.env(),
             capture_output=True,
             text=True,
@@ -146,21 +147,22 @@ class SlurmCluster:
         return found
 
     def node_of(self, proc: psutil.Process) -> Host | None:
-        """The node ``proc`` runs on (by its UTS namespace), or None."""
-        with contextlib.suppress(OSError):
-            ns = os.stat(f"/proc/{proc.pid}/ns/uts").st_ino
-            for host in self.hosts:
-                if host.uts is not None and os.stat(host.uts).st_ino == ns:
-                    return host
-        return None
+        """The node ``proc`` runs on, or None."""
+        return next((host for host in self.hosts if host.runs(proc.pid)), None)
 
     def node_processes(self, host: Host) -> list[psutil.Process]:
         """Every live process on node ``host``: its slurmd, slurmstepd and the jobs' processes."""
         found = []
         for proc in psutil.process_iter(["status"]):
-            if proc.info["status"] != psutil.STATUS_ZOMBIE and self.node_of(proc) == host:
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and host.runs(proc.pid):
                 found.append(proc)
         return found
+
+    def shm(self, host: Host) -> Path:
+        """``/dev/shm`` as the jobs on node ``host`` see it: its slurmd's (every command on a host
+        has a /dev/shm of its own, and job steps inherit slurmd's)."""
+        (pid,) = self.pids(f"slurmd-{host.name}.pid")
+        return Path(f"/proc/{pid}/root/dev/shm")
 
     # --- daemons --------------------------------------------------------------------------------
 
@@ -193,13 +195,13 @@ class SlurmCluster:
                 f"--seed-file={munge}/munged.seed",
             ]
         )
-        self._daemon([*self.hosts[0].enter(), "slurmctld"])
+        self._daemon(["slurmctld"], self.hosts[0])
         for host in self.hosts:
             self.start_slurmd(host)
         self.wait_idle()
 
     def start_slurmd(self, host: Host) -> None:
-        self._daemon([*host.enter(), "slurmd", "-N", host.name])
+        self._daemon(["slurmd", "-N", host.name], host)
 
     def kill_node(self, host: Host) -> list[str]:
         """The node dies: SIGKILL to its slurmd, slurmstepd and job processes at once (not the
@@ -220,11 +222,12 @@ class SlurmCluster:
         """Until both nodes are up and free."""
         wait_until(self._nodes_idle, timeout, "both slurmd to register with slurmctld, idle", every=0.5)
 
-    def _daemon(self, cmd: list[str]) -> None:
-        """Start a daemon that forks into the background; its start-up errors are raised."""
-        result = subprocess.run(cmd, env=self.env(), capture_output=True, text=True, timeout=60)
+    def _daemon(self, cmd: list[str], host: Host | None = None) -> None:
+        """Start a daemon that forks into the background (on ``host``, if given); its start-up errors are raised."""
+        prefix = host.prefix() if host else []
+        result = subprocess.run([*prefix, *cmd], env=self.env(), capture_output=True, text=True, timeout=60)
         if result.returncode != 0:
-            raise RuntimeError(f"{cmd[-1] if cmd[0] == 'nsenter' else cmd[0]}: {result.stderr.strip()}")
+            raise RuntimeError(f"{cmd[0]}: {result.stderr.strip()}")
 
     def node_state(self, host: Host) -> str:
         """``sinfo``'s short state of a node: idle, alloc, down*, ..."""
@@ -305,7 +308,7 @@ def cluster_unavailable() -> str | None:
 
 
 @contextlib.contextmanager
-def slurm_cluster(workdir: Path, subnet: str) -> Iterator[SlurmCluster]:
+def slurm_cluster(workdir: Path) -> Iterator[SlurmCluster]:
     """A running two-node cluster in ``workdir``, stopped and removed afterwards whatever happened.
 
     Skips the tests, with the reason, where this machine cannot run it (no root, no Slurm or
@@ -317,9 +320,9 @@ def slurm_cluster(workdir: Path, subnet: str) -> Iterator[SlurmCluster]:
     tag = f"trs{os.getpid() % 100000}"
     with contextlib.ExitStack() as stack:
         try:
-            hosts = stack.enter_context(make_hosts(tag, subnet, named=True))
+            hosts = stack.enter_context(make_hosts(2, workdir))
         except HostsUnavailable as exc:
-            pytest.skip(f"cannot make test hosts in network namespaces: {exc}")
+            pytest.skip(f"cannot make test hosts (root, iproute2 and util-linux needed): {exc}")
         cluster = SlurmCluster(hosts, workdir, tag)
         stack.callback(cluster.stop)
         try:

@@ -15,12 +15,13 @@ import psutil
 import pytest
 import torch
 
-from tests.conftest import Launched, assert_ok, clean_env, read_summary, run_torchrun, torchrun_cmd, wait_until
+from tests.conftest import Launched, assert_ok, clean_env, read_summary, run_torchrun, wait_until
 from tests.faults import has_trained, workers
 from tests.test_comm import shm_entries
 from trainer import shm
 from trainer.config import TrainConfig
 from trainer.errors import UsageError
+from trainer.jobs import torchrun_command
 
 STEPS = 30
 # Small runs; --clip-grad-norm 0.1 is below this MLP's gradient norm, so every step clips.
@@ -93,7 +94,7 @@ def test_nothing_left_in_dev_shm(tmp_path: Path, end: str) -> None:
     restarts = "1" if end.endswith("restart") else "0"
     # Long enough (about 10 s of steps) that the signal or the kill lands mid-training.
     args = [*ARGS, "--max-steps", "600", "--checkpoint-every", "20", "--run-dir", str(run_dir)]
-    cmd = torchrun_cmd(2, args, [f"--max-restarts={restarts}", "--monitor-interval=0.2"])
+    cmd = torchrun_command(2, "trainer", args, [f"--max-restarts={restarts}", "--monitor-interval=0.2"])
     job = Launched(cmd, clean_env(), tmp_path / "job.log")
     try:
         wait_until(lambda: has_trained(run_dir, 0) and has_trained(run_dir, 1), 180, "both ranks' first step", job)

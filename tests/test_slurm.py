@@ -17,14 +17,13 @@ import psutil
 import pytest
 from conftest import assert_ok, read_summary, run_torchrun, wait_until
 from faults import has_trained, trained_positions
+from hosts import IFNAME
 from launching import LAUNCH, STEPS, THREADS, launch_env, read_sha
 from slurm_cluster import SlurmCluster, gone, seconds, slurm_cluster
-from testhosts import IFNAME
 
 # A test starts the trainers up to three times (about 15 s each on an idle 2-core machine, a
 # minute when it is busy), and waits for Slurm's 30-s time-limit check and its requeue delay.
 pytestmark = pytest.mark.timeout(900)
-SUBNET = "10.79.0"
 TRAIN_SPLIT = 48_000
 # Long enough that a requeue lands mid-run, short enough for the suite.
 LONG_STEPS = 400
@@ -33,7 +32,7 @@ LONG = ("--max-steps", str(LONG_STEPS), "--epochs", "1", "--log-every", "10", "-
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
-    with slurm_cluster(tmp_path_factory.mktemp("slurm"), SUBNET) as running:
+    with slurm_cluster(tmp_path_factory.mktemp("slurm")) as running:
         yield running
 
 
@@ -82,7 +81,7 @@ def test_sbatch_trains_on_two_nodes_like_one_host(tmp_path: Path, cluster: Slurm
     job_id = submit(cluster, run_dir, STEPS)
     fields = assert_completed(cluster, job_id, run_dir, 180)
     out = job_output(run_dir, job_id)
-    assert fields["NodeList"] == f"{cluster.tag}n[1-2]", fields
+    assert fields["NodeList"] == "node[0-1]", fields
     assert f"2 node(s) x 1, rendezvous {cluster.hosts[0].addr}:" in out
     assert "gradient sync: gloo (auto: shared memory unavailable (the group spans 2 hosts" in out
     summary = read_summary(run_dir)
@@ -163,7 +162,7 @@ def test_preempted_job_resumes_exactly(tmp_path: Path, cluster: SlurmCluster, lo
 def test_scancel_leaves_no_process_and_no_shared_memory(tmp_path: Path, cluster: SlurmCluster) -> None:
     """Two jobs cancelled mid-run: one on both nodes (gloo between them), one on a single node with
     two processes (gradients through shared memory). Nothing of either is left on any node, and
-    no trainer file in /dev/shm."""
+    no trainer file in any node's /dev/shm."""
     jobs = {}
     for name, nodes, nproc in (("two-nodes", 2, 1), ("one-node", 1, 2)):
         run_dir = tmp_path / name / "run"
@@ -180,7 +179,8 @@ def test_scancel_leaves_no_process_and_no_shared_memory(tmp_path: Path, cluster:
         assert cluster.wait_ended(job_id, 120)["JobState"] == "CANCELLED"
         ended = processes[name]
         wait_until(lambda: all(map(gone, ended)), 60, f"every process of {name} to end")  # noqa: B023
-        left = [path.name for p in ranks[name] for path in Path("/dev/shm").glob(f"trainer-allreduce-{p.pid}-*")]
+        shms = [Path("/dev/shm"), *map(cluster.shm, cluster.hosts)]  # the machine's and each node's
+        left = [path.name for shm in shms for p in ranks[name] for path in shm.glob(f"trainer-allreduce-{p.pid}-*")]
         assert not left, name
         sync = "gradient sync: gloo" if name == "two-nodes" else "gradient sync: shm"
         assert sync in job_output(run_dir, job_id)
@@ -212,4 +212,4 @@ def test_a_dead_node_is_requeued_by_slurm_and_every_sample_trained_once(tmp_path
     assert read_summary(run_dir)["world_size"] == 2
     positions = trained_positions(run_dir)[1]
     assert sorted(positions) == list(range(TRAIN_SPLIT))  # the whole epoch, each sample once
-    assert fields["NodeList"] == f"{cluster.tag}n[1-2]"
+    assert fields["NodeList"] == "node[0-1]"
