@@ -194,12 +194,12 @@ def measure_allreduce(elements: int, repeats: int, timeout_s: float = 120) -> di
 
 def allreduce_worker(elements: int, repeats: int) -> None:
     """Under torchrun: time gloo's and the shared-memory all-reduce on rank 0, rounds interleaved."""
-    from trainer.shm import ShmAllreduce
+    from trainer.shm import open_agreed
 
     dist.init_process_group("gloo")
     try:
         tensor = torch.ones(elements)
-        reducer = ShmAllreduce(dist.group.WORLD, elements, timeout_s=60)
+        reducer = open_agreed(dist.group.WORLD, elements, timeout_s=60)
         methods: dict[str, Callable[[], object]] = {
             "gloo": lambda: dist.all_reduce(tensor),
             "shm": lambda: reducer.allreduce_(tensor),
