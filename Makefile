@@ -22,6 +22,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.compare
+	$(BIN)/python -m benchmarks.floor
 	$(BIN)/python -m benchmarks.scaling
 
 lint: $(STAMP)
