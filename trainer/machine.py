@@ -35,9 +35,10 @@ import psutil
 import torch
 import torch.distributed as dist
 
-from trainer.distributed import DistEnv, available_cpus, without_launcher_vars
+from trainer.distributed import DistEnv, available_cpus
 from trainer.errors import UsageError
 from trainer.fileio import write_json
+from trainer.jobs import fresh_job_env, torchrun_command
 
 PLATFORM_FILE = "platform.json"
 GRADIENT_ELEMENTS = 535_818  # the MLP's parameters at the default widths 512,256: 2,143,272 bytes
@@ -165,22 +166,9 @@ def measure_memory(mib: int = 128, repeats: int = 10) -> dict[str, Any]:
 
 def measure_allreduce(elements: int, repeats: int, timeout_s: float = 120) -> dict[str, Any]:
     """All-reduce latency at world size 2 (gloo and shm), from a 2-process torchrun job of this module."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "trainer.machine",
-        "--allreduce-worker",
-        "--elements",
-        str(elements),
-        "--repeats",
-        str(repeats),
-    ]
-    env = without_launcher_vars(os.environ)
-    env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU path: gloo and shared memory between host processes
+    args = ["--allreduce-worker", "--elements", str(elements), "--repeats", str(repeats)]
+    cmd = torchrun_command(2, "trainer.machine", args)
+    env = fresh_job_env()  # hides GPUs: the CPU path, gloo and shared memory between host processes
     try:
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
