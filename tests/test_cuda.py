@@ -6,6 +6,8 @@ host; these tests show them, and are skipped where there is none.
 
 from __future__ import annotations
 
+import json
+import re
 import signal
 import sys
 from pathlib import Path
@@ -18,6 +20,7 @@ from conftest import (
     assert_ok,
     clean_env,
     read_summary,
+    run_process,
     run_torchrun,
     run_trainer,
     wait_until,
@@ -25,6 +28,8 @@ from conftest import (
 from faults import latest_step, metrics_rows
 from test_comm import run_worker
 from test_inputs import assert_one_line_error
+
+from trainer.guard import DIVERGED_EXIT_CODE
 
 GPUS = torch.cuda.device_count()
 pytestmark = pytest.mark.skipif(GPUS == 0, reason="no CUDA GPU visible")
@@ -40,10 +45,12 @@ def trainer_args(run_dir: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """One uninterrupted plain process on the first GPU."""
+    """One uninterrupted plain process on the first GPU (its step captured in a CUDA graph: ``--cuda-graph auto``)."""
     run_dir = tmp_path_factory.mktemp("gpu-baseline") / "run"
-    assert_ok(run_trainer(trainer_args(run_dir), timeout=300, gpu=True))
-    return {"summary": read_summary(run_dir), "metrics": metrics_rows(run_dir)}
+    result = run_trainer(trainer_args(run_dir), timeout=300, gpu=True)
+    assert_ok(result)
+    assert "training step captured in a CUDA graph after 3 eager steps" in result.stderr
+    return {"summary": read_summary(run_dir), "metrics": metrics_rows(run_dir), "run_dir": run_dir}
 
 
 def stop_mid_run(tmp_path: Path, run_dir: Path) -> int:
@@ -124,3 +131,67 @@ def test_more_processes_than_gpus_is_refused_in_one_line(tmp_path: Path) -> None
     result = run_trainer(trainer_args(tmp_path / "run"), timeout=120, gpu=True, **env)
     visible = f"only {GPUS} GPU{'' if GPUS == 1 else 's'} visible"
     assert_one_line_error(result, f"LOCAL_RANK={GPUS}", visible, "one process per GPU", "--device cpu")
+
+
+def test_cuda_graph_trains_the_same_weights_as_eager_steps(tmp_path: Path, baseline: dict[str, Any]) -> None:
+    """The captured step replays the eager step's kernels: the same weights, bit for bit, after 3,000 steps."""
+    run_dir = tmp_path / "eager"
+    result = run_trainer(trainer_args(run_dir, "--cuda-graph", "off"), timeout=300, gpu=True)
+    assert_ok(result)
+    assert "CUDA graph" not in result.stderr
+    eager = read_summary(run_dir)
+    graphed = baseline["summary"]
+    assert graphed["params_sha256"] == eager["params_sha256"]
+    assert graphed["test_accuracy"] == eager["test_accuracy"]
+    columns = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy")
+    assert [[row[c] for c in columns] for row in baseline["metrics"]] == [
+        [row[c] for c in columns] for row in metrics_rows(run_dir)
+    ]
+
+
+# --lr 100 makes the loss non-finite after a few dozen steps: well after the graph is captured.
+DIVERGING = ("--hidden", "256", "--epochs", "1", "--max-steps", "200", "--lr", "100", "--log-every", "50")
+
+
+@pytest.mark.parametrize("on_nonfinite", ["stop", "skip"])
+def test_cuda_graph_guard_acts_as_eager_steps_do(tmp_path: Path, on_nonfinite: str) -> None:
+    """The graph reads its verdict once a window, yet stops at the same step, or skips the same steps, as eager."""
+    outcomes = {}
+    for mode in ("off", "on"):
+        run_dir = tmp_path / mode
+        args = [*DIVERGING, "--on-nonfinite", on_nonfinite, "--cuda-graph", mode, "--run-dir", str(run_dir)]
+        result = run_trainer(args, timeout=300, gpu=True)
+        stopped = re.findall(r"not finite at step (\d+)", result.stderr)
+        outcomes[mode] = (result.returncode, stopped)
+        if on_nonfinite == "stop":
+            assert result.returncode == DIVERGED_EXIT_CODE, result.stderr[-3000:]
+            assert len(stopped) == 1 and int(stopped[0]) > 3, result.stderr[-3000:]  # after the eager warm-up
+        else:
+            assert_ok(result)
+            summary = read_summary(run_dir)
+            assert summary["skipped_nonfinite_steps"] > 0
+            outcomes[mode] += (summary["skipped_nonfinite_steps"], summary["params_sha256"])
+    assert outcomes["on"] == outcomes["off"]
+
+
+def test_cuda_graph_with_clipping_and_adam_matches_eager(tmp_path: Path) -> None:
+    """Clipping and fused Adam inside the graph: the same weights as eager steps."""
+    shas = []
+    for mode in ("off", "on"):
+        run_dir = tmp_path / mode
+        extra = ("--optimizer", "adam", "--lr", "0.001", "--clip-grad-norm", "0.5", "--cuda-graph", mode)
+        args = ["--hidden", "256", "--epochs", "1", "--max-steps", "300", *extra, "--run-dir", str(run_dir)]
+        assert_ok(run_trainer(args, timeout=300, gpu=True))
+        shas.append(read_summary(run_dir)["params_sha256"])
+    assert shas[0] == shas[1]
+
+
+def test_cuda_graph_benchmark_runs_quick(tmp_path: Path) -> None:
+    result = run_process(
+        [sys.executable, "-m", "benchmarks.cuda_graph", "--quick", "--out", str(tmp_path)], clean_env(gpu=True), 600
+    )
+    assert_ok(result)
+    report = json.loads((tmp_path / "cuda_graph.json").read_text())
+    assert [row["cuda_graph"] for row in report["rows"]] == ["off", "on"]
+    assert report["same_weights"] is True
+    assert (tmp_path / "raw.csv").exists() and (tmp_path / "cuda_graph.md").exists()

@@ -53,6 +53,7 @@ def test_bad_environment_is_one_line(tmp_path: Path, env: dict[str, str], fragme
         (["--download"], "--download needs --data-dir"),
         (["--backend", "nccl", "--device", "cpu"], "nccl needs CUDA"),
         (["--batch-size", "50000"], "exceeds the 48000 training samples"),
+        (["--cuda-graph", "on", "--device", "cpu"], "--cuda-graph on needs one process on a CUDA device"),
     ],
 )
 def test_bad_options_are_one_line(tmp_path: Path, args: list[str], fragment: str) -> None:

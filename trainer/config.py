@@ -66,6 +66,12 @@ class TrainConfig:
         "periodically; unset means 100 (trainer/comm.py). At least 2: PowerSGD needs two exact steps first.",
     )
     device: str = _opt("auto", "Device; auto picks CUDA when available.", ("auto", "cpu", "cuda"))
+    cuda_graph: str = _opt(
+        "auto",
+        "Capture the training step in a CUDA graph after 3 eager steps (trainer/cuda_graph.py): auto = where it "
+        "can (one process on CUDA), on = require it, off = eager steps.",
+        ("auto", "on", "off"),
+    )
     clip_grad_norm: float | None = _opt(
         None, "Clip the gradients' global L2 norm to this value after the sync, before each optimiser step."
     )

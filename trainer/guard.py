@@ -47,12 +47,18 @@ def poison_nonfinite(loss: torch.Tensor) -> torch.Tensor:
 
 
 def grads_finite(params: Iterable[torch.Tensor]) -> bool:
-    """Whether every gradient is finite: one sum per tensor, which NaN and Inf propagate through (read-only).
+    """Whether every gradient is finite (read-only). The host reads one value per step; on CUDA the
+    step's clock synchronises anyway (a captured step uses ``grads_finite_tensor`` and reads none)."""
+    return bool(grads_finite_tensor(params))
 
-    The host reads one value per step; on CUDA the step's clock synchronises anyway.
-    """
+
+def grads_finite_tensor(params: Iterable[torch.Tensor]) -> torch.Tensor:
+    """``grads_finite`` as a 0-dim bool tensor on the gradients' device: one sum per tensor, which NaN
+    and Inf propagate through."""
     sums = [p.grad.sum() for p in params if p.grad is not None]
-    return bool(torch.isfinite(torch.stack(sums).sum())) if sums else True
+    if not sums:
+        return torch.tensor(True)
+    return torch.isfinite(torch.stack(sums).sum())
 
 
 def all_finite(tree: Any) -> bool:

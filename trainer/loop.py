@@ -17,6 +17,7 @@ from trainer.checkpoint import FORMAT, capture_rng, restore_rng, save_checkpoint
 from trainer.collectives import any_rank, barrier, reduce_sum
 from trainer.comm import wrap_model
 from trainer.config import TrainConfig
+from trainer.cuda_graph import GraphedStep, use_cuda_graph
 from trainer.data import RunData
 from trainer.distributed import DistEnv
 from trainer.errors import UsageError
@@ -71,6 +72,12 @@ class Trainer:
             self.model, device, dist_env.distributed, cfg.comm, cfg.timeout, warmup_steps=cfg.comm_warmup_steps
         )
         self.optimizer = build_optimizer(cfg, self.model)
+        # One process on CUDA: the step is captured in a CUDA graph after a few eager steps.
+        self.graphed = (
+            GraphedStep(self.model, self.optimizer, data.train_x, data.train_y, self.batch_size, cfg.clip_grad_norm)
+            if use_cuda_graph(cfg, device, dist_env.world_size)
+            else None
+        )
         self.state = TrainState()
         self.resumed_from_step: int | None = None
         self.stop = StopSignal()
@@ -88,6 +95,12 @@ class Trainer:
     # -- one step ------------------------------------------------------------------------
     def train_step(self, positions: torch.Tensor, times: StepTimes) -> torch.Tensor:
         """One optimiser step on this rank's batch; returns (loss, samples predicted right) as float64."""
+        if self.graphed is not None:
+            return self.graphed.step(positions, times, self.state.global_step, self.eager_step)
+        return self.eager_step(positions, times)
+
+    def eager_step(self, positions: torch.Tensor, times: StepTimes) -> torch.Tensor:
+        """``train_step`` run op by op (a CUDA graph records this, minus its host reads: trainer/cuda_graph.py)."""
         started = time.perf_counter()
         positions = positions.to(self.device, non_blocking=True)
         inputs, targets = self.data.train_x[positions], self.data.train_y[positions]
@@ -123,12 +136,23 @@ class Trainer:
             finite = not any_rank(not finite, self.device)
         if finite:
             return True
-        step = self.state.global_step + 1
-        if self.cfg.on_nonfinite == "stop":
-            raise Diverged(step, self.cfg.checkpoint_root)
-        self.state.skipped_steps += 1
-        self.progress.step_skipped(step)
+        self.nonfinite_steps(self.state.global_step + 1, 1)
         return False
+
+    def nonfinite_steps(self, first: int, count: int) -> None:
+        """``count`` steps from step ``first`` were not finite: stop (``Diverged``), or count them as skipped."""
+        if self.cfg.on_nonfinite == "stop":
+            raise Diverged(first, self.cfg.checkpoint_root)
+        self.state.skipped_steps += count
+        self.progress.step_skipped(first, count)
+
+    def settle_graph(self, window: StepTimes) -> None:
+        """Under a CUDA graph, at a window's end: the window's time, and its non-finite steps (once a window)."""
+        if self.graphed is None:
+            return
+        skipped, first = self.graphed.settle(window)
+        if skipped:
+            self.nonfinite_steps(first, skipped)
 
     # -- one epoch ----------------------------------------------------------------------
     def run_epoch(self) -> bool:
@@ -141,7 +165,8 @@ class Trainer:
         """
         cfg, state, env = self.cfg, self.state, self.dist_env
         plan = EpochPlan(
-            permutation=epoch_permutation(len(self.data.train_x), cfg.seed, state.epoch),
+            # On the device: each batch's positions are then a slice there, not a copy from the host.
+            permutation=epoch_permutation(len(self.data.train_x), cfg.seed, state.epoch).to(self.device),
             start=state.consumed,
             batch_size=self.batch_size,
             world_size=env.world_size,
@@ -166,6 +191,7 @@ class Trainer:
                 at_log, at_checkpoint = step % cfg.log_every == 0, step % cfg.checkpoint_every == 0
                 if not (at_log or at_checkpoint or last or self.max_steps_reached()):
                     continue
+                self.settle_graph(window)
                 mark = self._add_time(mark)
                 stop = self._end_window(window, window_sums, bar, at_log)
                 window, window_sums = StepTimes(), torch.zeros(2, dtype=torch.float64, device=self.device)

@@ -110,6 +110,11 @@ class StepTimes:
         self.step_ms += data_ms + compute_ms + sync_ms
         self.sync_samples.append(sync_ms)
 
+    def add_even(self, steps: int, data_ms: float, compute_ms: float) -> None:
+        """``steps`` steps timed together (a CUDA graph's window): each is recorded as their mean."""
+        for _ in range(steps):
+            self.add(data_ms / steps, compute_ms / steps, 0.0)
+
     def mean(self, name: str) -> float:
         return getattr(self, name) / self.steps if self.steps else 0.0
 

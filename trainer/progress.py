@@ -129,10 +129,18 @@ class Progress:
                 }
             )
 
-    def step_skipped(self, step: int) -> None:
-        """A step whose update ``--on-nonfinite skip`` dropped: in the rank log, and a warning from rank 0."""
-        self.rank_log.write({"event": "skipped_nonfinite", "step": step, "time": time.time()})
-        log.warning("step %d: loss or gradient not finite on some rank; update skipped (--on-nonfinite skip)", step)
+    def step_skipped(self, step: int, count: int = 1) -> None:
+        """Steps whose update ``--on-nonfinite skip`` dropped (``count`` from ``step``, as a CUDA graph reports
+        them once a window): in the rank log, and a warning from rank 0."""
+        record = {"event": "skipped_nonfinite", "step": step, "time": time.time()}
+        if count == 1:
+            self.rank_log.write(record)
+            log.warning("step %d: loss or gradient not finite on some rank; update skipped (--on-nonfinite skip)", step)
+            return
+        self.rank_log.write({**record, "count": count})
+        log.warning(
+            "%d steps from step %d: loss or gradient not finite; updates skipped (--on-nonfinite skip)", count, step
+        )
 
     def window_done(self, state: TrainState, window: StepTimes, loss: float, bar: tqdm, at_log: bool) -> None:
         """Record a window of steps (``loss``: this rank's mean) and log it at ``--log-every`` steps.
