@@ -6,8 +6,8 @@ but the shared-memory ones, the gradients after backward passes on this rank's b
 ``steps OUT``: ``--comm shm`` and ``auto`` over several optimiser steps, a new batch each step and
 two intra-op threads, each step's synced gradients beside the reference (DDP over gloo) and the
 local gradients on the same weights and batch; whether a peer's in-place writes into its own
-``.grad`` left this rank's untouched; and gradients accumulated over two backward passes, both
-ways. Saved to ``OUT/rank<r>.pt``.
+``.grad`` left this rank's untouched; gradients accumulated over two backward passes, both
+ways; and the sync's finiteness verdicts (``finite_verdicts``). Saved to ``OUT/rank<r>.pt``.
 ``die OUT`` / ``stall OUT``: rank 1 exits / stops (until rank 0 has written its outcome) instead
 of joining a shared-memory all-reduce; rank 0 writes what happened to ``OUT/rank0.json``.
 ``wait OUT``: rank 1 is busy for ``BUSY_S`` before joining an all-reduce; rank 0 writes the CPU
@@ -19,6 +19,7 @@ runs on CUDA, the synchronised gradients and the sync time read, saved to ``OUT/
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from trainer import shm
-from trainer.comm import wrap_model
+from trainer.comm import Comm, wrap_model
 from trainer.config import COMM_OPTIONS, TrainConfig
 from trainer.model import build_model
 
@@ -133,8 +134,31 @@ def steps(out: Path) -> None:
         results[f"{option}:untouched"] = untouched
         results[f"{option}:accumulated"] = accumulated(model, forward)
         results[f"{option}:accumulated_reference"] = accumulated(reference, reference_ddp, weights=model)
+        results[f"{option}:verdicts"] = finite_verdicts(model, forward, comm)
         comm.close()
     torch.save(results, out / f"rank{rank}.pt")
+
+
+def with_one_inf(grad: torch.Tensor) -> torch.Tensor:
+    return grad.flatten().index_fill(0, torch.tensor([0]), math.inf).view_as(grad)
+
+
+def finite_verdicts(model: torch.nn.Module, forward: torch.nn.Module, comm: Comm) -> list[bool | None]:
+    """The sync's finiteness verdict after a clean pass, a pass where the last rank's gradient holds one
+    Inf (its first element: in the chunk rank 0 reduces), and a clean pass again."""
+    verdicts = []
+    first = next(model.parameters())
+    for poisoned in (False, True, False):
+        handle = None
+        if poisoned and dist.get_rank() == dist.get_world_size() - 1:
+            handle = first.register_hook(with_one_inf)
+        model.zero_grad(set_to_none=True)
+        inputs, targets = batch(dist.get_rank(), 0)
+        F.cross_entropy(forward(inputs), targets).backward()
+        verdicts.append(comm.synced_finite())
+        if handle is not None:
+            handle.remove()
+    return verdicts
 
 
 def peer_writes_leave_mine(model: torch.nn.Module, synced: list[torch.Tensor]) -> bool:

@@ -119,6 +119,14 @@ def test_shm_gradients_belong_to_their_rank(shm_steps: list[dict], option: str) 
         assert all(rank[f"{option}:untouched"]), "a peer's in-place write reached this rank's gradients"
 
 
+@pytest.mark.parametrize("option", ["shm", "auto"])
+def test_shm_sync_tells_every_rank_of_one_nonfinite_element(shm_steps: list[dict], option: str) -> None:
+    """One Inf in the last rank's gradient, in the chunk rank 0 reduces: every rank's sync reads it as not
+    finite (the guard's verdict, without a read of every gradient); the passes before and after read finite."""
+    for rank in shm_steps:
+        assert rank[f"{option}:verdicts"] == [True, False, True]
+
+
 def test_shm_accumulates_like_gloo(shm_steps: list[dict]) -> None:
     """Two backward passes without clearing: the same as DDP over gloo, bit for bit at world size 2;
     at every world size the same on every rank."""

@@ -132,6 +132,7 @@ class ShmGradientSync:
         sizes = [p.numel() for p in self.params]
         self.views = [view.view_as(p) for view, p in zip(self.flat.split(sizes), self.params, strict=True)]
         self._queued = False
+        self.finite = True  # whether the last sync's result was finite (the guard reads it: trainer/guard.py)
         self._handles = [p.register_post_accumulate_grad_hook(self._grad_ready) for p in self.params]
 
     def _grad_ready(self, _param: torch.Tensor) -> None:
@@ -148,7 +149,7 @@ class ShmGradientSync:
                 grads.append(view.zero_())  # not used this pass: contributes zero, as in DDP
             else:
                 grads.append(p.grad.contiguous())  # a fresh tensor, or ``view`` accumulated into
-        self.reducer.allreduce(grads, self.flat, divide_by=self.reducer.world_size)
+        self.finite = self.reducer.allreduce(grads, self.flat, divide_by=self.reducer.world_size, check_finite=True)
         for p, view in zip(self.params, self.views, strict=True):
             if p.grad is not view:
                 p.grad = view
@@ -179,6 +180,11 @@ class Comm:
 
     def take_ms(self) -> float:
         return self.timer.take_ms()
+
+    def synced_finite(self) -> bool | None:
+        """Whether the gradients of the last sync are all finite, where the sync found out on its way
+        (shared memory: each rank checks the chunk it reduced); None where it did not."""
+        return self.shm_sync.finite if self.shm_sync is not None else None
 
     def after_step(self, params: Iterable[torch.Tensor]) -> None:
         """Call after every optimiser step (local SGD averages the parameters here)."""

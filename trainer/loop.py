@@ -131,7 +131,10 @@ class Trainer:
         A non-finite step raises ``Diverged`` under ``--on-nonfinite stop``; under ``skip`` it is
         counted and the caller leaves the weights and the optimiser state as they were.
         """
-        finite = grads_finite(self.model.parameters())
+        # Under shm the sync has checked the chunk each rank reduced; else one read of every gradient.
+        finite = self.comm.synced_finite() if self.comm is not None else None
+        if finite is None:
+            finite = grads_finite(self.model.parameters())
         if self.comm is not None and self.comm.option == "localsgd":  # gradients not averaged: vote
             finite = not any_rank(not finite, self.device)
         if finite:

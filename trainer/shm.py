@@ -368,6 +368,8 @@ class ShmAllreduce:
         self._map, self._fd = mapping, fd
         header = self.world_size * FLAG_STRIDE * 8
         self._flags = np.frombuffer(self._map, dtype=np.int64, count=self.world_size * FLAG_STRIDE)
+        # The flag's cache line also carries the sum of the rank's chunk (``check_finite``).
+        self._chunk_sums = np.frombuffer(self._map, dtype=np.float64, count=self.world_size * FLAG_STRIDE)
         data = torch.frombuffer(
             self._map, dtype=torch.float32, offset=header, count=(self.world_size + 1) * 2 * capacity
         )
@@ -383,12 +385,20 @@ class ShmAllreduce:
         self.allreduce([tensor], tensor.view(-1), divide_by)
         return tensor
 
-    def allreduce(self, tensors: list[torch.Tensor], out: torch.Tensor, divide_by: int = 1) -> None:
+    def allreduce(
+        self, tensors: list[torch.Tensor], out: torch.Tensor, divide_by: int = 1, check_finite: bool = False
+    ) -> bool:
         """Write the group's sums of ``tensor / divide_by`` for ``tensors`` (contiguous float32, at most
         ``capacity`` elements in all), laid end to end, into ``out`` (flat, contiguous, private).
 
         ``out`` may alias the inputs: they are read before the result is written. It is this
         rank's own memory, so anything may be done to it afterwards.
+
+        ``check_finite``: return whether every element of the result is finite, the same verdict on
+        every rank. Each rank sums the chunk it has just reduced, while it is still in its cache, and
+        publishes the sum beside its flag; NaN and Inf propagate through a sum (as in
+        ``trainer.guard.grads_finite``, a sum of finite values that overflows also reads as not
+        finite). Without it, returns True.
         """
         generation = self._generation + 1
         plan = self._plan(tuple(t.numel() for t in tensors))[generation % 2]
@@ -401,11 +411,15 @@ class ShmAllreduce:
         self._wait_for_peers(2 * generation - 1)
         for slot in plan.own_from_peers:
             plan.own_result.add_(slot)
+        if check_finite:
+            self._chunk_sums[self.rank * FLAG_STRIDE + 1] = float(plan.own_result.sum())
         self._flags[self.rank * FLAG_STRIDE] = 2 * generation
         self._wait_for_peers(2 * generation)
+        finite = not check_finite or bool(np.isfinite(self._chunk_sums[1::FLAG_STRIDE]).all())
         # Before this rank calls again (and so before any peer can rewrite this slot set).
         out.copy_(plan.result)
         self._generation = generation
+        return finite
 
     def _plan(self, sizes: tuple[int, ...]) -> tuple[_Plan, _Plan]:
         if sizes not in self._plans:
