@@ -11,7 +11,9 @@ else in the process (no process group, no sync, no timing calls, no logs). Each 
   (world size 2's floor: both cores busy with useful work and nothing else);
 - ``floor ws1``: one process of two threads running the bare step (world size 1's floor);
 - ``trainer ws1`` and ``trainer ws2``: the trainer through ``torchrun`` with its defaults
-  (``--comm auto``), the same steps, ms per step from its own training time.
+  (``--comm auto``), ms per step from its own training time over the windows after its first
+  (``steady_ms_per_step``), as the floor's are timed after a warm-up; the whole run's figure,
+  start-up steps included, beside it.
 
 Reported: ms per step for each (median over rounds, min-max), and the ratios trainer/floor at
 each world size, with the machine, versions and load. The floor workers start together on a
@@ -23,6 +25,7 @@ This file is both the driver and the floor worker (``--worker``).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -47,6 +50,7 @@ from benchmarks.common import (
 from trainer.jobs import torchrun_command
 
 BATCH = 32
+TRAINER_WARMUP = 100  # the trainer's first window (--log-every's default), not timed
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -148,15 +152,42 @@ def run_floor(processes: int, threads: int, steps: int, scratch: Path) -> list[f
 def run_trainer(world_size: int, steps: int, out: Path, name: str) -> dict[str, Any]:
     """The trainer's ms per step over ``steps`` steps (its training time, evaluation excluded)."""
     run_dir = out / "runs" / name
-    args = ["--epochs", "1", "--max-steps", str(steps), "--log-every", "100", "--run-dir", str(run_dir), "--overwrite"]
+    # One default window (100 steps) of warm-up, then ``steps`` timed steps.
+    total = str(TRAINER_WARMUP + steps)
+    args = ["--epochs", "1", "--max-steps", total, "--log-every", str(TRAINER_WARMUP), "--run-dir", str(run_dir)]
+    args.append("--overwrite")
     run_checked(torchrun_command(world_size, "trainer", args), child_env(), timeout=900)
     summary = json.loads((run_dir / "summary.json").read_text())
     return {
-        "ms_per_step": summary["train_seconds"] * 1e3 / summary["global_step"],
+        "ms_per_step": steady_ms_per_step(run_dir, world_size),
+        "whole_run_ms_per_step": summary["train_seconds"] * 1e3 / summary["global_step"],
         "compute_ms": summary["compute_ms"],
         "sync_ms": summary["sync_ms_per_batch"],
         "data_ms": summary["data_ms"],
     }
+
+
+def steady_ms_per_step(run_dir: Path, world_size: int) -> float:
+    """ms per step of training time over the windows after the first (rank 0's records).
+
+    The floor's steps are timed after 50 warm-up steps, so the trainer's are timed after its first
+    window (its first ``--log-every`` steps): the same steady state on both sides. Each window's
+    samples/s is over training time alone (checkpoints and evaluation excluded).
+    """
+    windows = [
+        json.loads(line)
+        for line in (run_dir / "rank0.jsonl").read_text().splitlines()
+        if '"samples_per_second"' in line and '"event"' not in line
+    ]
+    batch = BATCH * world_size
+    seconds = steps = 0.0
+    for before, window in itertools.pairwise(windows):
+        done = window["step"] - before["step"]
+        seconds += done * batch / window["samples_per_second"]
+        steps += done
+    if not steps:
+        raise RuntimeError(f"{run_dir}: fewer than two windows of steps; run more steps than --log-every")
+    return seconds * 1e3 / steps
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -186,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
         mine = [r for r in raw if r["what"] == what]
         median, low, high = median_spread([r["ms_per_step"] for r in mine])
         row: dict[str, Any] = {"what": what, "ms_per_step": median, "range": f"{low:.3f}-{high:.3f}"}
-        for key in ("compute_ms", "sync_ms", "data_ms"):
+        for key in ("whole_run_ms_per_step", "compute_ms", "sync_ms", "data_ms"):
             if key in mine[0]:
                 row[key] = median_spread([r[key] for r in mine])[0]
         rows.append(row)
@@ -205,6 +236,7 @@ def main(argv: list[str] | None = None) -> None:
                 ("what", ""),
                 ("ms_per_step", "ms/step (median)"),
                 ("range", "min-max"),
+                ("whole_run_ms_per_step", "whole run ms/step"),
                 ("compute_ms", "compute ms"),
                 ("sync_ms", "sync ms"),
                 ("data_ms", "data ms"),

@@ -54,10 +54,21 @@ def test_floor_quick(tmp_path: Path) -> None:
     result = json.loads((tmp_path / "floor.json").read_text())
     assert [r["what"] for r in result["rows"]] == ["floor ws1", "trainer ws1", "floor ws2", "trainer ws2"]
     assert all(r["ms_per_step"] > 0 for r in result["rows"])
+    assert all(r["whole_run_ms_per_step"] > 0 for r in result["rows"] if r["what"].startswith("trainer"))
     assert result["ratios"]["ws1"] > 0 and result["ratios"]["ws2"] > 0
     # Two concurrent floor processes per round, one two-thread process, and one run of each world size.
     assert [r["what"] for r in read_csv(tmp_path / "raw.csv")].count("floor ws2") == 2
     assert "trainer/floor" in stdout
+
+
+def test_breakdown_quick(tmp_path: Path) -> None:
+    stdout = bench("breakdown", tmp_path)
+    rows = json.loads((tmp_path / "breakdown.json").read_text())["rows"]
+    by_world = {world: [r["what"] for r in rows if r["world_size"] == world] for world in (1, 2)}
+    assert by_world[1] == ["bare step", "+ guard, accuracy", "train_step", "train loop", "grads read", "gradient copy"]
+    assert by_world[2] == [*by_world[1][:2], "+ gradient sync", *by_world[1][2:4], "sync alone", *by_world[1][4:]]
+    assert all(r["ms"] > 0 for r in rows)
+    assert "added ms" in stdout
 
 
 def test_sync_quick(tmp_path: Path) -> None:
