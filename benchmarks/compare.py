@@ -12,6 +12,11 @@ tutorials, which oversubscribes the cores). The figure compared is training time
 number of samples (start-up and evaluation excluded on both sides); runs alternate baseline,
 trainer, baseline, ... so load from elsewhere hits both alike. Prints and writes the ratio of
 the medians.
+
+Each round also times the same number of steps as bare steps (``benchmarks.floor``: forward,
+backward and fused SGD in concurrent one-thread processes, with no exchange): the fastest any
+data-parallel trainer could train them on this machine. Its column, ``floor is x faster``, is the
+ceiling on every speed-up in the table.
 """
 
 from __future__ import annotations
@@ -36,9 +41,12 @@ from benchmarks.common import (
     write_csv,
     write_json,
 )
+from benchmarks.floor import run_floor
 from trainer.jobs import torchrun_command
 
 PEER = "plain DDP, data in memory"
+FLOOR = "compute floor (bare step, no exchange)"
+TRAIN_SAMPLES = 48_000
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -89,6 +97,16 @@ def main(argv: list[str] | None = None) -> None:
             trainer_args = ["--epochs", "1", "--comm", args.comm, "--run-dir", str(run_dir), "--overwrite", *steps]
             run_checked(torchrun_command(args.world_size, "trainer", trainer_args), child_env(), timeout=900)
             results["trainer"] = json.loads((run_dir / "summary.json").read_text())
+            # The same steps as bare steps in concurrent one-thread processes: no trainer can be faster.
+            floor_steps = args.max_steps or TRAIN_SAMPLES // (32 * args.world_size)
+            floor_ms = max(run_floor(args.world_size, 1, floor_steps, Path(data_dir)))
+            floor_seconds = floor_steps * floor_ms / 1e3
+            results[FLOOR] = {
+                "train_seconds": floor_seconds,
+                "samples_per_second": floor_steps * 32 * args.world_size / floor_seconds,
+                "test_accuracy": float("nan"),
+                "threads_per_rank": 1,
+            }
             for name, figures in results.items():
                 raw.append(
                     {
@@ -104,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"run {repeat + 1}/{args.repeats}: {line}", flush=True)
     write_csv(out / "raw.csv", raw)
     rows = []
-    for who in [who_names[s] for s in settings] + [PEER, "trainer"]:
+    for who in [who_names[s] for s in settings] + [PEER, "trainer", FLOOR]:
         mine = [r for r in raw if r["who"] == who]
         median, low, high = median_spread([r["train_seconds"] for r in mine])
         rows.append(
@@ -114,12 +132,14 @@ def main(argv: list[str] | None = None) -> None:
                 "train_seconds": median,
                 "range": f"{low:.2f}-{high:.2f}",
                 "samples_per_second": median_spread([r["samples_per_second"] for r in mine])[0],
-                "test_accuracy": median_spread([r["test_accuracy"] for r in mine])[0],
+                "test_accuracy": median_spread([r["test_accuracy"] for r in mine])[0] if who != FLOOR else "",
             }
         )
-    trainer_seconds = rows[-1]["train_seconds"]
+    trainer_seconds, floor_seconds = rows[-2]["train_seconds"], rows[-1]["train_seconds"]
     for row in rows:
         row["trainer_speedup"] = row["train_seconds"] / trainer_seconds
+        # The most any trainer could be faster than this one here: it cannot beat the floor.
+        row["ceiling"] = row["train_seconds"] / floor_seconds
     work = f"{args.max_steps} steps" if args.max_steps else "one epoch"
     text = (
         f"Trainer (--comm {args.comm}) against its peers, world size {args.world_size}, {work}, "
@@ -135,6 +155,7 @@ def main(argv: list[str] | None = None) -> None:
                 ("samples_per_second", "samples/s"),
                 ("test_accuracy", "test acc"),
                 ("trainer_speedup", "trainer is x faster"),
+                ("ceiling", "floor is x faster"),
             ),
         )
         + "\n"

@@ -45,8 +45,10 @@ def test_scaling_quick(tmp_path: Path) -> None:
 def test_compare_quick(tmp_path: Path) -> None:
     bench("compare", tmp_path)
     rows = json.loads((tmp_path / "compare.json").read_text())["rows"]
-    assert [r["who"] for r in rows] == ["baseline, torchrun threads", "plain DDP, data in memory", "trainer"]
-    assert all(r["train_seconds"] > 0 and 0 < r["test_accuracy"] <= 1 for r in rows)
+    floor = "compute floor (bare step, no exchange)"
+    assert [r["who"] for r in rows] == ["baseline, torchrun threads", "plain DDP, data in memory", "trainer", floor]
+    assert all(r["train_seconds"] > 0 and 0 < r["test_accuracy"] <= 1 for r in rows[:-1])
+    assert all(r["ceiling"] == r["train_seconds"] / rows[-1]["train_seconds"] for r in rows)
 
 
 def test_floor_quick(tmp_path: Path) -> None:
