@@ -87,7 +87,12 @@ def test_gloo_option_equals_ddp_bit_for_bit(world2: list[dict]) -> None:
 
 def test_hierarchical_on_one_host_equals_ddp_bit_for_bit(world2: list[dict]) -> None:
     """``--comm hierarchical`` asked for on one host runs: the host's shared-memory sum, no other leader
-    to meet, then the division: ``(g0 + g1) / 2``, which halving makes exactly ``g0/2 + g1/2``."""
+    to meet, then the division: ``(g0 + g1) / 2``, which is exactly ``g0/2 + g1/2`` as long as no
+    term is subnormal (halving one drops a bit); none is here, as checked first."""
+    tiny = torch.finfo(torch.float32).tiny
+    for rank in world2:
+        for grad in (g for step in rank["local"] for g in step):
+            assert not ((grad != 0) & (grad.abs() < 2 * tiny)).any(), "a gradient near the subnormal range"
     for rank in world2:
         assert rank["hierarchical:resolved"] == "hierarchical"
         for step in range(len(rank["reference"])):
