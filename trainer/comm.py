@@ -2,8 +2,8 @@
 
 Sync time is measured where it happens: the DDP options run as communication hooks, and a
 wrapper notes when each bucket's hook is entered and when its future completes; ``shm`` and
-``hierarchical`` time their own call. The figure is communication (plus any wait for a slower peer), not inferred
-from wall time.
+``hierarchical`` time their own call. The figure is communication (plus any wait for a slower
+peer), not inferred from wall time.
 
 Options (``--comm``):
 
@@ -171,8 +171,9 @@ class ShmGradientSync:
 class Comm:
     """The sync option chosen for a model: its timer, and what it does besides syncing gradients.
 
-    Under ``shm`` and ``hierarchical`` it owns the shared-memory sync (``shm_sync``); under the DDP options the sync
-    runs as DDP's communication hook, and local SGD also averages parameters (``averager``).
+    Under ``shm`` and ``hierarchical`` it owns the shared-memory sync (``shm_sync``); under the DDP
+    options the sync runs as DDP's communication hook, and local SGD also averages parameters
+    (``averager``).
     """
 
     def __init__(self, option: str, timer: SyncTimer, clock: Callable[[], float] = time.perf_counter) -> None:
@@ -277,8 +278,8 @@ SHARED_MEMORY = ("auto", "shm", "hierarchical")  # the options that may run on s
 def resolve_comm(
     requested: str, model: nn.Module, device: torch.device, group: dist.ProcessGroup
 ) -> tuple[str, str, list[list[int]]]:
-    """``requested`` -> the option that will run, why, and the ranks of each host (``hierarchy.host_groups``).
-    Collective over the job (``group`` is the whole job): every rank must call it.
+    """``requested`` -> the option that will run, why, and each host's ranks (``hierarchy.host_groups``).
+    Collective over ``group``, which is the whole job: every rank must call it.
 
     Each rank's own verdict on the shared-memory path (host, device, dtypes, architecture,
     memfd and /proc) is gathered, and the decision is made on all of them, so every rank
