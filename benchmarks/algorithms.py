@@ -17,8 +17,9 @@ from benchmarks.common import machine, machine_line, markdown_table, publish, re
 from benchmarks.scaling import run_once
 from trainer.config import COMM_OPTIONS
 
-# Every option but auto, which only picks one of the others (shm or gloo).
-OPTIONS = ",".join(option for option in COMM_OPTIONS if option != "auto")
+# Every option but auto, which only picks one of the others, and hierarchical, which is for ranks
+# on several hosts (benchmarks.hierarchical measures it there).
+OPTIONS = ",".join(option for option in COMM_OPTIONS if option not in ("auto", "hierarchical"))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,8 +1,9 @@
 """One rank of a comm test (run under torchrun, or with exported RANK/WORLD_SIZE for the peer tests).
 
 ``grads OUT``: for the reference (DDP with torch's own all-reduce) and every ``--comm`` option
-but the shared-memory ones, the gradients after backward passes on this rank's batch, saved to
-``OUT/rank<r>.pt`` together with this rank's local (unsynchronised) gradients.
+but ``shm`` and ``auto`` (``hierarchical`` runs on one host here), the gradients after backward
+passes on this rank's batch, saved to ``OUT/rank<r>.pt`` together with this rank's local
+(unsynchronised) gradients.
 ``steps OUT``: ``--comm shm`` and ``auto`` over several optimiser steps, a new batch each step and
 two intra-op threads, each step's synced gradients beside the reference (DDP over gloo) and the
 local gradients on the same weights and batch; whether a peer's in-place writes into its own
@@ -12,6 +13,9 @@ ways; and the sync's finiteness verdicts (``finite_verdicts``). Saved to ``OUT/r
 of joining a shared-memory all-reduce; rank 0 writes what happened to ``OUT/rank0.json``.
 ``wait OUT``: rank 1 is busy for ``BUSY_S`` before joining an all-reduce; rank 0 writes the CPU
 and wall time its own wait took to ``OUT/rank0.json``.
+``hierarchical OUT``: known terms per rank (``known_terms``) through the hierarchical all-reduce,
+in three calls; each rank saves its results and the host layout to ``OUT/rank<r>.pt``. Run on
+several test hosts (tests/test_multinode.py), where the test recomputes the sums.
 ``cuda OUT``: over nccl, one GPU per rank: this rank's local gradients and, for each option that
 runs on CUDA, the synchronised gradients and the sync time read, saved to ``OUT/rank<r>.pt``.
 """
@@ -31,7 +35,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from trainer import shm
+from trainer import hierarchy, shm
 from trainer.comm import Comm, wrap_model
 from trainer.config import COMM_OPTIONS, TrainConfig
 from trainer.model import build_model
@@ -231,6 +235,31 @@ def wait(out: Path) -> None:
     reducer.close()
 
 
+SUM_SIZES = (1000, 37)  # two tensors, as the gradient sync passes one per parameter
+SUM_CALLS = 3  # both slot sets, and one of them again
+
+
+def known_terms(rank: int, call: int) -> list[torch.Tensor]:
+    """Rank ``rank``'s terms in call ``call``. Their magnitudes differ by rank (x1, x10, x100), so a
+    sum in another order rounds differently and the test can tell the orders apart."""
+    generator = torch.Generator().manual_seed(100 * call + rank)
+    return [torch.randn(n, generator=generator) * 10.0 ** (rank % 3) for n in SUM_SIZES]
+
+
+def hierarchical(out: Path) -> None:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    keys: list[str] = [""] * world
+    dist.all_gather_object(keys, shm.host_key())
+    reducer = hierarchy.open_agreed(sum(SUM_SIZES), 60)
+    results = []
+    for call in range(SUM_CALLS):
+        result = torch.full((sum(SUM_SIZES),), float("nan"))
+        reducer.allreduce(known_terms(rank, call), result, divide_by=world)
+        results.append(result)
+    reducer.close()
+    torch.save({"hosts": hierarchy.host_groups(keys), "results": results}, out / f"rank{rank}.pt")
+
+
 def cuda(out: Path) -> None:
     rank = dist.get_rank()
     device = torch.device("cuda", rank)
@@ -263,6 +292,8 @@ def main() -> None:
             steps(out)
         elif mode == "wait":
             wait(out)
+        elif mode == "hierarchical":
+            hierarchical(out)
         else:
             peer_fails(out, mode)
     finally:

@@ -18,7 +18,8 @@ directories are "shared storage") and the boot are the machine's.
 Reuse: ``make_hosts(n, workdir)`` makes them and removes them afterwards; ``Host.prefix()`` is
 the command prefix that runs a command "on" a host (for daemons started some other way), and
 ``Host.run`` starts one as a ``Launched``; ``Host.runs(pid)`` says whether a process runs on it.
-Needs root and iproute2; ``HostsUnavailable`` says why not where the machine refuses.
+Needs root and iproute2; ``HostsUnavailable`` says why not where the machine refuses. Outside
+pytest (benchmarks.hierarchical) import it as ``tests.hosts``; ``Host.run`` is for the tests only.
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from conftest import Launched
+if TYPE_CHECKING:  # conftest needs pytest and a sys.path that only a test session has
+    from conftest import Launched
 
 SUBNET = "10.77.0"  # namespaces have addresses of their own: no clash with the machine's or other tests'
 IFNAME = "eth0"  # every host's link, named as on a real machine (each namespace has its own names)
@@ -89,6 +92,8 @@ class Host:
 
     def run(self, cmd: Sequence[str], env: dict[str, str], log: Path) -> Launched:
         """Start ``cmd`` on this host, its output in ``log``."""
+        from conftest import Launched
+
         return Launched([*self.prefix(), *cmd], self.env(env), log)
 
 

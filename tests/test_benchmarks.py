@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import assert_ok, clean_env, run_process
 
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
@@ -103,3 +105,19 @@ def test_algorithms_quick(tmp_path: Path) -> None:
     rows = read_csv(tmp_path / "algorithms.csv")
     assert [r["comm"] for r in rows] == ["shm", "localsgd"]
     assert all(0 < float(r["test_accuracy"]) <= 1 for r in rows)
+
+
+def test_hierarchical_quick(tmp_path: Path) -> None:
+    """Two test hosts (root needed; skipped with the benchmark's reason otherwise), four runs."""
+    cmd = [sys.executable, "-m", "benchmarks.hierarchical", "--quick", "--out", str(tmp_path)]
+    result = run_process(cmd, clean_env(), timeout=600)
+    if result.returncode != 0 and "cannot make test hosts" in result.stderr:
+        pytest.skip(result.stderr.strip())
+    assert_ok(result)
+    rows = read_csv(tmp_path / "hierarchical.csv")
+    assert [r["comm"] for r in rows] == ["gloo", "hierarchical"]
+    for row in rows:
+        assert float(row["sync_ms_per_batch"]) > 0 and float(row["ms_per_step"]) > 0
+        assert float(row["link_bytes_per_step_per_host"]) > 0
+    assert len(read_csv(tmp_path / "raw.csv")) == 4  # a short and a long run of each
+    assert "link bytes/step/host" in (tmp_path / "hierarchical.md").read_text()

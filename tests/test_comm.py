@@ -4,6 +4,8 @@ Tolerances, elementwise, with ``m = mean over ranks of |local gradient|`` (the s
 
 - gloo, shm, auto at world size 2: bit for bit equal to DDP's own all-reduce (shm and auto on
   weights that an optimiser changes every step, a new batch each step, two intra-op threads).
+- hierarchical on one host at world size 2: bit for bit equal to DDP's all-reduce (``(g0 + g1) / 2``
+  is ``g0/2 + g1/2`` exactly); across hosts, tests/test_multinode.py pins its exact sum.
 - shm, auto at world sizes 3 and 4: ``|shm - gloo| <= 2 (W - 1) 2^-24 W m`` (two float32 sums of
   W terms in different orders, each off by at most ``(W - 1) 2^-24`` of the summed magnitudes),
   and every rank holds the same bits.
@@ -31,7 +33,8 @@ import pytest
 import torch
 
 from tests.conftest import REPO, assert_ok, clean_env, free_port, run_process
-from trainer import shm
+from trainer import hierarchy, shm
+from trainer.comm import choose_comm
 from trainer.config import COMM_OPTIONS
 from trainer.jobs import torchrun_command
 
@@ -80,6 +83,21 @@ def test_gloo_option_equals_ddp_bit_for_bit(world2: list[dict]) -> None:
             for got, want in zip(rank["gloo"][step], rank["reference"][step], strict=True):
                 assert torch.equal(got, want), f"gloo differs from DDP at pass {step}"
     assert world2[0]["gloo:resolved"] == "gloo"
+
+
+def test_hierarchical_on_one_host_equals_ddp_bit_for_bit(world2: list[dict]) -> None:
+    """``--comm hierarchical`` asked for on one host runs: the host's shared-memory sum, no other leader
+    to meet, then the division: ``(g0 + g1) / 2``, which is exactly ``g0/2 + g1/2`` as long as no
+    term is subnormal (halving one drops a bit); none is here, as checked first."""
+    tiny = torch.finfo(torch.float32).tiny
+    for rank in world2:
+        for grad in (g for step in rank["local"] for g in step):
+            assert not ((grad != 0) & (grad.abs() < 2 * tiny)).any(), "a gradient near the subnormal range"
+    for rank in world2:
+        assert rank["hierarchical:resolved"] == "hierarchical"
+        for step in range(len(rank["reference"])):
+            for got, want in zip(rank["hierarchical"][step], rank["reference"][step], strict=True):
+                assert torch.equal(got, want), f"hierarchical differs from DDP at pass {step}"
 
 
 @pytest.fixture(scope="module", params=[2, 3, 4])
@@ -181,8 +199,9 @@ def test_localsgd_exact_in_warmup_then_local_and_averaged(world2: list[dict]) ->
 
 
 def test_every_option_has_a_test_above() -> None:
-    """A new --comm option fails here until it gets its own comparison against gloo."""
-    tested = {"gloo", "shm", "auto", "bf16", "fp16", "powersgd", "localsgd"}
+    """A new --comm option fails here until it gets its own comparison against gloo (hierarchical's
+    across hosts is in tests/test_multinode.py)."""
+    tested = {"gloo", "shm", "hierarchical", "auto", "bf16", "fp16", "powersgd", "localsgd"}
     assert set(COMM_OPTIONS) == tested
 
 
@@ -265,6 +284,29 @@ def test_local_and_group_reasons() -> None:
     assert shm.group_reason([("a", None), ("a", None)]) is None
     assert "hosts" in (shm.group_reason([("a", None), ("b", None)]) or "")
     assert shm.group_reason([("a", None), ("a", "no memfd")]) == "rank 1: no memfd"
+
+
+@pytest.mark.parametrize(
+    ("requested", "keys", "unable", "option", "why"),
+    [
+        ("auto", "aaaa", None, "shm", "auto: all ranks on one host"),
+        ("auto", "aabb", None, "hierarchical", "auto: 2 hosts x 2 ranks: shared memory within each host"),
+        ("auto", "abab", None, "hierarchical", "auto: 2 hosts x 2 ranks"),  # ranks need not be contiguous
+        ("auto", "aab", None, "gloo", "(the group spans 2 hosts (or PID namespaces); a hierarchical sync needs two"),
+        ("auto", "aabb", 2, "gloo", "auto: shared memory unavailable (rank 2: no memfd)"),
+        ("hierarchical", "aab", None, "hierarchical", "--comm hierarchical: 2 hosts of 2, 1 ranks"),
+        ("hierarchical", "aa", None, "hierarchical", "--comm hierarchical: 1 host x 2 ranks"),
+        ("hierarchical", "aabb", 1, "gloo", "--comm hierarchical unavailable (rank 1: no memfd); falling back"),
+        ("shm", "aabb", None, "gloo", "--comm shm unavailable (the group spans 2 hosts"),
+    ],
+)
+def test_choice_from_every_ranks_verdict(requested: str, keys: str, unable: int | None, option: str, why: str) -> None:
+    """What ``resolve_comm`` decides from the gathered (host key, reason) of every rank: a pure function."""
+    verdicts = [(key, "no memfd" if rank == unable else None) for rank, key in enumerate(keys)]
+    hosts = hierarchy.host_groups(keys)
+    assert hosts == [[r for r, k in enumerate(keys) if k == key] for key in dict.fromkeys(keys)]
+    chosen, reason = choose_comm(requested, verdicts, hosts)
+    assert chosen == option and why in reason, reason
 
 
 def test_leftovers_of_dead_creators_are_removed(tmp_path: Path) -> None:

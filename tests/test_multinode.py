@@ -1,25 +1,38 @@
 """Multi-node for real: test hosts of their own (tests/hosts.py), one torchrun agent on each.
 
 Each host has its own network, host name and ``/dev/shm``, so the trainer sees distinct hosts:
-ranks on one host sync through shared memory only if they all share it, and here they do not,
-so every gradient crosses the link through gloo. Needs root, iproute2 and util-linux; where the
-machine refuses, the tests are skipped with its reason. docs/multinode.md says more.
+with two ranks on each, ``--comm auto`` sums within each host through shared memory and between
+the hosts through gloo (``hierarchical``); ``--comm gloo`` sends every rank's share through gloo.
+Needs root, iproute2 and util-linux; where the machine refuses, the tests are skipped with its
+reason. docs/multinode.md says more.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import assert_ok, read_summary, run_process, wait_all_ok, wait_until
+import torch
+from comm_worker import SUM_CALLS, known_terms
+from conftest import assert_ok, read_jsonl, read_summary, run_process, wait_all_ok, wait_until
 from hosts import Host, HostsUnavailable, make_hosts
 from launching import LAUNCH, STEPS, launch_env, read_sha
+from safetensors.torch import load_file
+
+from trainer.jobs import torchrun_command
 
 UNROUTED = "10.78.0.1"  # outside the hosts' only route: no packet leaves for it
 RDZV_PORT = 29400  # each host has ports of its own: no collision with the machine's
+NPROC = 2  # ranks per host in the two-host runs
+WORLD_SIZE = 2 * NPROC
+# Largest weight difference allowed between the hierarchical and the flat gloo sync after STEPS
+# steps: the same sums added in another order differ by float32 rounding (about 1e-7 of the
+# summed magnitudes per step), far below this.
+WEIGHT_TOLERANCE = 1e-5
 
 
 @pytest.fixture
@@ -32,6 +45,18 @@ def hosts(tmp_path: Path) -> Iterator[list[Host]]:
         reason = f"cannot make test hosts (root, iproute2 and util-linux needed): {exc}"
         print(reason)
         pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def one_host_gloo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The flat reference: one host, four processes, ``--comm gloo`` (the same all-reduce over four
+    ranks as two hosts of two with ``--comm gloo``, and one thread per rank)."""
+    if os.geteuid() != 0:
+        pytest.skip("cannot make test hosts (root, iproute2 and util-linux needed): not root")
+    run_dir = tmp_path_factory.mktemp("one-host") / "run"
+    cmd = [str(LAUNCH / "local.sh"), *STEPS, "--comm", "gloo", "--run-dir", str(run_dir)]
+    assert_ok(run_process(cmd, launch_env(NPROC=str(WORLD_SIZE))))
+    return run_dir
 
 
 def agent_env(first: Host, nnodes: str, nproc: int, rdzv_conf: str = "", **extra: str) -> dict[str, str]:
@@ -51,33 +76,91 @@ def sync_paths(logs: str) -> dict[int, str]:
     return {int(rank): option for rank, option in re.findall(r"\[rank (\d+)\] \w+ gradient sync: (\w+)", logs)}
 
 
-def test_two_hosts_train_like_one(tmp_path: Path, hosts: list[Host]) -> None:
-    """Two processes per host; no host holds all ranks, so every rank syncs with gloo over the link.
+def train_on_hosts(hosts: list[Host], run_dir: Path, *args: str, **env: str) -> list[str]:
+    """The trainer on both hosts, two ranks each, STEPS steps, every rank logging; each host's log."""
+    cmd = [str(LAUNCH / "multinode.sh"), *STEPS, "--log-all-ranks", "--run-dir", str(run_dir), *args]
+    agents = [
+        host.run(cmd, agent_env(hosts[0], "2", NPROC, RDZV_ID=run_dir.name, **env), run_dir.parent / f"{host.name}.log")
+        for host in hosts
+    ]
+    wait_all_ok(agents, 240)
+    return [agent.output() for agent in agents]
+
+
+def rank_shas(run_dir: Path) -> dict[int, str]:
+    """Rank -> the hash of that rank's own final weights (the last line of its rank log)."""
+    return {r: read_jsonl(run_dir / f"rank{r}.jsonl")[-1]["params_sha256"] for r in range(WORLD_SIZE)}
+
+
+def test_two_hosts_train_like_one(tmp_path: Path, hosts: list[Host], one_host_gloo: Path) -> None:
+    """Two processes per host with ``--comm gloo``: every rank's share crosses the link through gloo.
 
     The reference is one host at the same world size with ``--comm gloo``: the same all-reduce
     over four ranks (and one thread per rank), so the weights must match bit for bit.
     """
-    nproc = 2
-    world_size = 2 * nproc
-    local = tmp_path / "one-host"
-    cmd = [str(LAUNCH / "local.sh"), *STEPS, "--comm", "gloo", "--run-dir", str(local)]
-    assert_ok(run_process(cmd, launch_env(NPROC=str(world_size))))
-
     run_dir = tmp_path / "two-hosts"
-    args = [*STEPS, "--log-all-ranks", "--run-dir", str(run_dir)]
-    agents = [
-        host.run([str(LAUNCH / "multinode.sh"), *args], agent_env(hosts[0], "2", nproc), tmp_path / f"{host.name}.log")
-        for host in hosts
-    ]
-    wait_all_ok(agents, 240)
-    logs = [agent.output() for agent in agents]
+    logs = train_on_hosts(hosts, run_dir, "--comm", "gloo")
     summary = read_summary(run_dir)
-    assert (summary["world_size"], summary["global_step"]) == (world_size, 30)
-    assert sync_paths(logs[0] + logs[1]) == dict.fromkeys(range(world_size), "gloo")
-    assert "auto: shared memory unavailable" in logs[0] + logs[1]
+    assert (summary["world_size"], summary["global_step"]) == (WORLD_SIZE, 30)
+    assert sync_paths(logs[0] + logs[1]) == dict.fromkeys(range(WORLD_SIZE), "gloo")
+    assert "gradient sync: gloo (--comm gloo)" in logs[0] + logs[1]
     for log in logs:  # each host ran only its share of the ranks
-        assert len(re.findall(rf"rank \d of {world_size} \(local \d of {nproc}\)", log)) == nproc
-    assert summary["params_sha256"] == read_sha(local)
+        assert len(re.findall(rf"rank \d of {WORLD_SIZE} \(local \d of {NPROC}\)", log)) == NPROC
+    assert summary["params_sha256"] == read_sha(one_host_gloo)
+
+
+def test_auto_syncs_hierarchically_across_hosts(tmp_path: Path, hosts: list[Host], one_host_gloo: Path) -> None:
+    """``--comm auto`` on two hosts of two ranks: the hierarchical sync on every rank; every rank ends
+    with the same weights bit for bit, a second run with the same ones again, and they agree with
+    flat gloo's within WEIGHT_TOLERANCE.
+
+    Not bit for bit with gloo: the hierarchical sync adds ``(g0 + g1) + (g2 + g3)`` and divides the
+    sum by 4, gloo adds ``g/4`` terms in its ring's order; float32 rounds the two orders differently.
+    """
+    first, second = tmp_path / "first", tmp_path / "second"
+    logs = train_on_hosts(hosts, first)
+    train_on_hosts(hosts, second)
+    assert sync_paths(logs[0] + logs[1]) == dict.fromkeys(range(WORLD_SIZE), "hierarchical")
+    assert "(auto: 2 hosts x 2 ranks: shared memory within each host, gloo between hosts)" in logs[0]
+    summary = read_summary(first)
+    assert (summary["world_size"], summary["global_step"]) == (WORLD_SIZE, 30)
+    assert rank_shas(first) == dict.fromkeys(range(WORLD_SIZE), summary["params_sha256"])
+    assert read_sha(second) == summary["params_sha256"]
+    hierarchical, flat = load_file(first / "model.safetensors"), load_file(one_host_gloo / "model.safetensors")
+    assert hierarchical.keys() == flat.keys()
+    worst = max((hierarchical[name] - flat[name]).abs().max().item() for name in flat)
+    print(f"largest weight difference from flat gloo after 30 steps: {worst:.3g}")
+    assert worst < WEIGHT_TOLERANCE
+
+
+def test_hierarchical_sum_is_the_fixed_order_sum(tmp_path: Path, hosts: list[Host]) -> None:
+    """Known terms on four ranks of two hosts: every rank receives ``((g0 + g1) + (g2 + g3)) / 4`` in
+    float32, bit for bit, in each of several calls. The terms differ in magnitude by rank, so
+    another order (a flat left-to-right sum, say) rounds differently; the test checks that it does."""
+    out = tmp_path / "sums"
+    out.mkdir()
+    launcher = ["--nnodes=2", "--rdzv-backend=c10d", f"--rdzv-endpoint={hosts[0].name}:{RDZV_PORT}", "--rdzv-id=sums"]
+    cmd = torchrun_command(NPROC, "tests.comm_worker", ["hierarchical", str(out)], launcher, standalone=False)
+    wait_all_ok([host.run(cmd, launch_env(), tmp_path / f"{host.name}.log") for host in hosts], 180)
+    ranks = [torch.load(out / f"rank{r}.pt") for r in range(WORLD_SIZE)]
+    assert ranks[0]["hosts"] == [[0, 1], [2, 3]]
+    for call in range(SUM_CALLS):
+        g = [torch.cat(known_terms(r, call)) for r in range(WORLD_SIZE)]
+        want = ((g[0] + g[1]) + (g[2] + g[3])) / 4
+        assert not torch.equal(want, (((g[0] + g[1]) + g[2]) + g[3]) / 4), "the terms cannot tell orders apart"
+        for r, rank in enumerate(ranks):
+            assert torch.equal(rank["results"][call], want), f"rank {r}, call {call}: not the fixed-order sum"
+
+
+def test_failed_set_up_on_one_rank_means_gloo_on_every_rank(tmp_path: Path, hosts: list[Host]) -> None:
+    """Rank 3 (not on rank 0's host) cannot map its host's shared memory: all four ranks fall back to
+    flat gloo together, rank 0 says why once, and the run trains."""
+    run_dir = tmp_path / "run"
+    logs = "".join(train_on_hosts(hosts, run_dir, TRAINER_TEST_SHM_FAIL="3:map"))
+    assert sync_paths(logs) == dict.fromkeys(range(WORLD_SIZE), "gloo")
+    fallback = re.findall(r"\[rank 0\] \w+ gradient sync: gloo \(shared memory set-up failed \((.*)\)", logs)
+    assert len(fallback) == 1 and "rank 3 failed mapping shared memory" in fallback[0], logs[-4000:]
+    assert read_summary(run_dir)["global_step"] == 30
 
 
 def test_unreachable_master_addr(tmp_path: Path, hosts: list[Host]) -> None:

@@ -2,8 +2,9 @@
 
 Every run must end with the weights of an uninterrupted run: on one host, two processes, gloo,
 one thread each, the same steps. The nodes have host names of their own, so the trainer's
-``--comm auto`` sees two hosts and syncs gradients with gloo (at world size 2 gloo's sum is
-exact, whatever the order). Needs root, slurm-wlm and munge; skipped with the reason otherwise.
+``--comm auto`` sees two hosts of one rank each and syncs gradients with flat gloo (no host has
+ranks to combine first, so not the hierarchical sync; at world size 2 gloo's sum is exact,
+whatever the order). Needs root, slurm-wlm and munge; skipped with the reason otherwise.
 """
 
 from __future__ import annotations

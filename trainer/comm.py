@@ -1,9 +1,9 @@
 """Gradient synchronisation: DDP wrapping, the ``--comm`` options, and timing of whichever runs.
 
 Sync time is measured where it happens: the DDP options run as communication hooks, and a
-wrapper notes when each bucket's hook is entered and when its future completes; ``shm`` times
-its own call. The figure is communication (plus any wait for a slower peer), not inferred
-from wall time.
+wrapper notes when each bucket's hook is entered and when its future completes; ``shm`` and
+``hierarchical`` time their own call. The figure is communication (plus any wait for a slower
+peer), not inferred from wall time.
 
 Options (``--comm``):
 
@@ -11,7 +11,12 @@ Options (``--comm``):
 - ``shm``: the same arithmetic through shared memory between the ranks of one host
   (``trainer.shm``); exact, and faster than gloo on loopback (docs/performance.md). It does
   DDP's job itself, without DDP (see ``ShmGradientSync``).
-- ``auto`` (default): ``shm`` where it can run, else ``gloo``; the log says which and why.
+- ``hierarchical``: ranks on several hosts sum within each host through shared memory, the hosts'
+  leaders all-reduce the host sums over gloo, and each host's ranks copy the result
+  (``trainer.hierarchy``); exact (a fixed summation order, the same bits on every rank), and the
+  link carries one copy per host instead of one per rank.
+- ``auto`` (default): ``shm`` when all ranks share a host; ``hierarchical`` when they span hosts
+  with two or more on each; else ``gloo``. The log says which and why.
 - ``bf16`` / ``fp16``: gradients cast to 16 bits for the all-reduce (half the bytes; lossy).
 - ``powersgd``: rank-``POWERSGD_RANK`` PowerSGD with error feedback after ``POWERSGD_START_ITER``
   exact steps (lossy per step; error feedback carries the residual to later steps).
@@ -34,7 +39,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, post_loca
 from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
 from torch.nn.parallel import DistributedDataParallel
 
-from trainer import shm
+from trainer import hierarchy, shm
 from trainer.checkpoint import numpy_rng_from_plain, numpy_rng_to_plain
 from trainer.config import COMM_OPTIONS
 from trainer.metrics import device_clock
@@ -115,7 +120,8 @@ def _allreduce_hook(group: dist.ProcessGroup, bucket: dist.GradBucket) -> torch.
 
 
 class ShmGradientSync:
-    """Averages a model's gradients through shared memory at the end of every backward pass.
+    """Averages a model's gradients through shared memory at the end of every backward pass (on one
+    host, ``shm``; across hosts, ``hierarchical``, whose reducer also goes through the leaders).
 
     What DDP does for the other options, done without DDP, whose per-step bookkeeping is a large
     share of so small a step (see docs/shm.md). As with DDP's ``gradient_as_bucket_view``, each
@@ -125,14 +131,18 @@ class ShmGradientSync:
     peer's gradients. Construction is local; ``start_shm_sync`` agrees on it and broadcasts the weights.
     """
 
-    def __init__(self, model: nn.Module, reducer: shm.ShmAllreduce, timer: "SyncTimer") -> None:
+    def __init__(
+        self, model: nn.Module, reducer: shm.ShmAllreduce | hierarchy.HierarchicalAllreduce, timer: "SyncTimer"
+    ) -> None:
         self.reducer, self.timer = reducer, timer
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.flat = torch.zeros(sum(p.numel() for p in self.params))
         sizes = [p.numel() for p in self.params]
         self.views = [view.view_as(p) for view, p in zip(self.flat.split(sizes), self.params, strict=True)]
         self._queued = False
-        self.finite = True  # whether the last sync's result was finite (the guard reads it: trainer/guard.py)
+        # Whether the last sync's result was finite, where the reducer can tell (the guard reads it:
+        # trainer/guard.py); None where it cannot.
+        self.finite: bool | None = None
         self._handles = [p.register_post_accumulate_grad_hook(self._grad_ready) for p in self.params]
 
     def _grad_ready(self, _param: torch.Tensor) -> None:
@@ -164,8 +174,9 @@ class ShmGradientSync:
 class Comm:
     """The sync option chosen for a model: its timer, and what it does besides syncing gradients.
 
-    Under ``shm`` it owns the shared-memory sync (``shm_sync``); under the DDP options the sync
-    runs as DDP's communication hook, and local SGD also averages parameters (``averager``).
+    Under ``shm`` and ``hierarchical`` it owns the shared-memory sync (``shm_sync``); under the DDP
+    options the sync runs as DDP's communication hook, and local SGD also averages parameters
+    (``averager``).
     """
 
     def __init__(self, option: str, timer: SyncTimer, clock: Callable[[], float] = time.perf_counter) -> None:
@@ -183,7 +194,7 @@ class Comm:
 
     def synced_finite(self) -> bool | None:
         """Whether the gradients of the last sync are all finite, where the sync found out on its way
-        (shared memory: each rank checks the chunk it reduced); None where it did not."""
+        (shared memory on one host: each rank checks the chunk it reduced); None where it did not."""
         return self.shm_sync.finite if self.shm_sync is not None else None
 
     def after_step(self, params: Iterable[torch.Tensor]) -> None:
@@ -269,8 +280,14 @@ class Comm:
             self.shm_sync = None
 
 
-def resolve_comm(requested: str, model: nn.Module, device: torch.device, group: dist.ProcessGroup) -> tuple[str, str]:
-    """``requested`` -> the option that will run, and why. Collective: every rank must call it.
+SHARED_MEMORY = ("auto", "shm", "hierarchical")  # the options that may run on shared memory
+
+
+def resolve_comm(
+    requested: str, model: nn.Module, device: torch.device, group: dist.ProcessGroup
+) -> tuple[str, str, list[list[int]]]:
+    """``requested`` -> the option that will run, why, and each host's ranks (``hierarchy.host_groups``).
+    Collective over ``group``, which is the whole job: every rank must call it.
 
     Each rank's own verdict on the shared-memory path (host, device, dtypes, architecture,
     memfd and /proc) is gathered, and the decision is made on all of them, so every rank
@@ -278,7 +295,7 @@ def resolve_comm(requested: str, model: nn.Module, device: torch.device, group: 
     """
     rank = dist.get_rank()
     reason: str | None = None
-    if requested in ("auto", "shm"):
+    if requested in SHARED_MEMORY:
         try:
             dtypes = {p.dtype for p in model.parameters() if p.requires_grad}
             reason = shm.local_reason(device, dtypes, rank=rank)
@@ -289,27 +306,53 @@ def resolve_comm(requested: str, model: nn.Module, device: torch.device, group: 
             reason = f"{type(exc).__name__}: {exc}"
     verdicts: list[tuple[str, str | None]] = [("", None)] * dist.get_world_size(group)
     dist.all_gather_object(verdicts, (shm.host_key(), reason), group=group)
+    hosts = hierarchy.host_groups([key for key, _ in verdicts])
+    option, why = choose_comm(requested, verdicts, hosts)
+    return option, why, hosts
+
+
+def choose_comm(requested: str, verdicts: list[tuple[str, str | None]], hosts: list[list[int]]) -> tuple[str, str]:
+    """``resolve_comm``'s decision: a pure function of what every rank gathered, so all decide alike."""
+    fallback = "falling back to the process group's all-reduce"
     why_not = shm.group_reason(verdicts)
     if requested == "auto":
-        if why_not:
-            return "gloo", f"auto: shared memory unavailable ({why_not})"
-        return "shm", "auto: all ranks on one host"
+        if not why_not:
+            return "shm", "auto: all ranks on one host"
+        unable = shm.rank_reason(verdicts)
+        spread = hierarchy.auto_reason(hosts)
+        if unable or spread:
+            return "gloo", f"auto: shared memory unavailable ({unable or f'{why_not}; {spread}'})"
+        return "hierarchical", f"auto: {hierarchy.describe(hosts)}: shared memory within each host, gloo between hosts"
     if requested == "shm" and why_not:
-        return "gloo", f"--comm shm unavailable ({why_not}); falling back to the process group's all-reduce"
+        return "gloo", f"--comm shm unavailable ({why_not}); {fallback}"
+    if requested == "hierarchical":
+        unable = shm.rank_reason(verdicts)
+        if unable:
+            return "gloo", f"--comm hierarchical unavailable ({unable}); {fallback}"
+        return "hierarchical", f"--comm hierarchical: {hierarchy.describe(hosts)}"
     return requested, f"--comm {requested}"
 
 
 def start_shm_sync(
-    model: nn.Module, group: dist.ProcessGroup, timeout_s: float, timer: SyncTimer
+    model: nn.Module,
+    group: dist.ProcessGroup,
+    timeout_s: float,
+    timer: SyncTimer,
+    hosts: list[list[int]] | None = None,
 ) -> tuple[ShmGradientSync | None, str]:
-    """The shared-memory sync for ``model``, or None and why not; collective, and agreed.
+    """The shared-memory sync for ``model``, or None and why not; collective over ``group`` (the whole
+    job), and agreed. With ``hosts`` (each host's global ranks), the hierarchical sync across them.
 
     Every rank runs the same collectives whatever fails locally, then the ranks exchange their
-    errors: if any rank failed at any point (any exception), all of them get None together.
+    errors: if any rank failed at any point (any exception, on any host), all of them get None together.
     """
     rank = dist.get_rank()
     numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    reducer, error = shm.open_reducer(group, numel, timeout_s)
+    reducer: shm.ShmAllreduce | hierarchy.HierarchicalAllreduce | None
+    if hosts is None:
+        reducer, error = shm.open_reducer(group, numel, timeout_s)
+    else:
+        reducer, error = hierarchy.open_reducer(hosts, numel, timeout_s)
     sync = None
     if reducer is not None:
         try:
@@ -342,8 +385,8 @@ def wrap_model(
     """The model to train through, and its timed sync option, when distributed; the bare model (and
     no Comm) otherwise.
 
-    Under ``shm`` that is the model itself, whose backward pass ends with the shared-memory
-    average; under the other options, DDP with the option's communication hook.
+    Under ``shm`` and ``hierarchical`` that is the model itself, whose backward pass ends with the
+    shared-memory average; under the other options, DDP with the option's communication hook.
     ``bucket_cap_mb`` is DDP's (its default lets gloo overlap the first bucket's all-reduce with
     the rest of the backward pass). ``warmup_steps`` overrides the exact steps before PowerSGD or
     local SGD start.
@@ -353,10 +396,11 @@ def wrap_model(
     if comm not in COMM_OPTIONS:
         raise ValueError(f"unknown comm option {comm!r}; choose from {', '.join(COMM_OPTIONS)}")
     group = dist.group.WORLD
-    option, why = resolve_comm(comm, model, device, group)
+    option, why, hosts = resolve_comm(comm, model, device, group)
     result = Comm(option, SyncTimer(), device_clock(device))
-    if option == "shm":
-        result.shm_sync, failures = start_shm_sync(model, group, timeout_s, result.timer)
+    if option in ("shm", "hierarchical"):
+        layout = hosts if option == "hierarchical" else None
+        result.shm_sync, failures = start_shm_sync(model, group, timeout_s, result.timer, layout)
         if result.shm_sync is not None:
             _log_choice(comm, option, why)
             return model, result

@@ -19,7 +19,7 @@ from typing import Any
 from trainer.errors import UsageError
 
 # Gradient sync options (trainer/comm.py says what each does).
-COMM_OPTIONS = ("auto", "gloo", "shm", "bf16", "fp16", "powersgd", "localsgd")
+COMM_OPTIONS = ("auto", "gloo", "shm", "hierarchical", "bf16", "fp16", "powersgd", "localsgd")
 
 
 def _opt(default: Any, help: str, choices: Sequence[str] | None = None) -> Any:
@@ -56,7 +56,8 @@ class TrainConfig:
     )
     comm: str = _opt(
         "auto",
-        "Gradient sync: auto = shm where all ranks share a host, else gloo (both exact); bf16/fp16/powersgd/"
+        "Gradient sync: auto = shm where all ranks share a host, hierarchical (shared memory within each host, "
+        "gloo between hosts) where they span hosts with 2+ on each, else gloo (all exact); bf16/fp16/powersgd/"
         "localsgd send less but change the arithmetic (see trainer/comm.py).",
         COMM_OPTIONS,
     )

@@ -13,6 +13,12 @@ own (``out``), so what a caller gets is private: writing into it cannot touch a 
    into the result, in rank order, and publishes phase 2;
 4. when all have published phase 2, each rank copies the whole result into ``out``.
 
+``allreduce_through_leader`` (the hierarchical sync across hosts, ``trainer.hierarchy``) sums
+without dividing, and at step 4 the group's rank 0 (the leader) waits for phase 2, runs its step
+on the shared result in place (an all-reduce with the other hosts' leaders) and then stores the
+call's number in a share flag of its own; the other ranks wait for that flag instead, and every
+rank writes ``result / divide_by`` into ``out``.
+
 The arithmetic is gloo's sum of pre-divided gradients:
 
 - world size 2: ``g0/2 + g1/2``, and IEEE addition is commutative, so it is bit for bit the
@@ -65,6 +71,7 @@ import os
 import platform
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +95,9 @@ SLEEP_MAX_S = 0.001  # ... doubling up to this
 LIVENESS_EVERY_S = 0.05
 TEST_FAIL_ENV = "TRAINER_TEST_SHM_FAIL"  # test-only, see ``fail_for_tests``
 STAGES = ("verdict", "create", "size", "map", "sync")  # set-up stages ``fail_for_tests`` knows
+
+
+Peer = tuple[int, int, int | None, int]  # (group rank, pid, start time, index of the flag it publishes)
 
 
 class PeerGone(RuntimeError):
@@ -148,14 +158,22 @@ def local_reason(
     return None
 
 
+def rank_reason(verdicts: list[tuple[str, str | None]]) -> str | None:
+    """The first rank's reason it cannot use shared memory on its own host, or None if every rank can."""
+    for rank, (_, reason) in enumerate(verdicts):
+        if reason:
+            return f"rank {rank}: {reason}"
+    return None
+
+
 def group_reason(verdicts: list[tuple[str, str | None]]) -> str | None:
     """Why the group cannot use shared memory, from every rank's ``(host_key(), local_reason())``; None if it can.
 
     A pure function of the gathered list, so every rank reaches the same decision.
     """
-    for rank, (_, reason) in enumerate(verdicts):
-        if reason:
-            return f"rank {rank}: {reason}"
+    unable = rank_reason(verdicts)
+    if unable:
+        return unable
     hosts = {key for key, _ in verdicts}
     if len(hosts) != 1:
         return f"the group spans {len(hosts)} hosts (or PID namespaces)"
@@ -273,7 +291,7 @@ def open_reducer(group: dist.ProcessGroup, capacity: int, timeout_s: float) -> t
     """
     rank = dist.get_rank()
     world_size = dist.get_world_size(group)
-    header = world_size * FLAG_STRIDE * 8
+    header = (world_size + 1) * FLAG_STRIDE * 8  # a flag per rank, and the leader's share flag
     # Two slot sets of one slot per rank, and two result vectors.
     size = header + 2 * (world_size + 1) * capacity * 4
     mapping, fd, error, identities = open_shared_mapping(group, size, rank)
@@ -347,6 +365,9 @@ def chunk_bounds(total: int, world_size: int) -> list[tuple[int, int]]:
 class ShmAllreduce:
     """Sum of float32 tensors of up to ``capacity`` elements over ``group``, all on one host, into
     memory the caller owns. Made by ``open_reducer``.
+
+    ``allreduce`` is the whole all-reduce; ``allreduce_through_leader`` lets the group's rank 0 act
+    on the summed result before the others copy it (the hierarchical sync across hosts).
     """
 
     def __init__(
@@ -364,11 +385,17 @@ class ShmAllreduce:
         self._generation = 0
         # More ranks than CPUs: a spinning rank would steal the core its peer needs to arrive.
         self._yield_always = available_cpus() < self.world_size
-        self._peers = [(r, int(pid), start) for r, (pid, start, _) in enumerate(identities) if r != self.rank]
+        # (group rank, pid, start time, index of the flag it publishes): each rank's own, and the
+        # leader's share flag after the ranks' (``allreduce_through_leader``).
+        self._peers = [
+            (r, int(pid), start, r * FLAG_STRIDE) for r, (pid, start, _) in enumerate(identities) if r != self.rank
+        ]
+        self._share_flag = self.world_size * FLAG_STRIDE
+        self._leader = [(0, int(identities[0][0]), identities[0][1], self._share_flag)]
         self._map, self._fd = mapping, fd
-        header = self.world_size * FLAG_STRIDE * 8
-        self._flags = np.frombuffer(self._map, dtype=np.int64, count=self.world_size * FLAG_STRIDE)
-        # The flag's cache line also carries the sum of the rank's chunk (``check_finite``).
+        header = (self.world_size + 1) * FLAG_STRIDE * 8
+        self._flags = np.frombuffer(self._map, dtype=np.int64, count=(self.world_size + 1) * FLAG_STRIDE)
+        # Each rank's flag line also carries the sum of the chunk it reduced (``check_finite``).
         self._chunk_sums = np.frombuffer(self._map, dtype=np.float64, count=self.world_size * FLAG_STRIDE)
         data = torch.frombuffer(
             self._map, dtype=torch.float32, offset=header, count=(self.world_size + 1) * 2 * capacity
@@ -400,6 +427,44 @@ class ShmAllreduce:
         ``trainer.guard.grads_finite``, a sum of finite values that overflows also reads as not
         finite). Without it, returns True.
         """
+        generation, result = self._sum_chunks(tensors, divide_by, check_finite)
+        self._wait_for_peers(2 * generation)
+        finite = not check_finite or bool(np.isfinite(self._chunk_sums[1::FLAG_STRIDE]).all())
+        # Before this rank calls again (and so before any peer can rewrite this slot set).
+        out.copy_(result)
+        self._generation = generation
+        return finite
+
+    def allreduce_through_leader(
+        self,
+        tensors: list[torch.Tensor],
+        out: torch.Tensor,
+        leader_step: Callable[[torch.Tensor], object],
+        divide_by: int = 1,
+    ) -> None:
+        """As ``allreduce``, but the group's plain sum goes through its rank 0 (the leader) first:
+        the leader runs ``leader_step`` on the sum in the shared result, in place (an all-reduce
+        with other hosts' leaders), while the others wait; then every rank writes ``result /
+        divide_by`` into ``out``. Only the leader calls ``leader_step``; the others only wait.
+
+        Every rank reads the bits the leader left there and divides them alike, so all ranks hold
+        the same result; the others add nothing a second time.
+        """
+        generation, result = self._sum_chunks(tensors, 1)
+        if self.rank == 0:
+            self._wait_for_peers(2 * generation)
+            leader_step(result)
+            self._flags[self._share_flag] = generation
+        else:
+            self._wait_for_peers(generation, self._leader, "finish its step across hosts")
+        torch.div(result, divide_by, out=out)
+        self._generation = generation
+
+    def _sum_chunks(
+        self, tensors: list[torch.Tensor], divide_by: int, check_finite: bool = False
+    ) -> tuple[int, torch.Tensor]:
+        """Phases 1 and 2 of the next call: this rank's chunk of the sum of ``tensors / divide_by`` is
+        in the shared result when this returns (the peers' chunks once they publish phase 2)."""
         generation = self._generation + 1
         plan = self._plan(tuple(t.numel() for t in tensors))[generation % 2]
         for index, elements, target in plan.to_peers:
@@ -414,12 +479,7 @@ class ShmAllreduce:
         if check_finite:
             self._chunk_sums[self.rank * FLAG_STRIDE + 1] = float(plan.own_result.sum())
         self._flags[self.rank * FLAG_STRIDE] = 2 * generation
-        self._wait_for_peers(2 * generation)
-        finite = not check_finite or bool(np.isfinite(self._chunk_sums[1::FLAG_STRIDE]).all())
-        # Before this rank calls again (and so before any peer can rewrite this slot set).
-        out.copy_(plan.result)
-        self._generation = generation
-        return finite
+        return generation, plan.result
 
     def _plan(self, sizes: tuple[int, ...]) -> tuple[_Plan, _Plan]:
         if sizes not in self._plans:
@@ -447,10 +507,11 @@ class ShmAllreduce:
             self._plans[sizes] = (plans[0], plans[1])
         return self._plans[sizes]
 
-    def _wait_for_peers(self, phase: int) -> None:
-        """Return once every peer has published ``phase``: spin, then yield, then sleep (module docstring)."""
+    def _wait_for_peers(self, phase: int, peers: list[Peer] | None = None, doing: str = "") -> None:
+        """Return once each of ``peers`` (default: every peer) has published ``phase`` in its flag:
+        spin, then yield, then sleep (module docstring). ``doing``: what a stuck peer failed to do."""
         flags = self._flags
-        waiting = [peer for peer in self._peers if flags[peer[0] * FLAG_STRIDE] < phase]
+        waiting = [peer for peer in (self._peers if peers is None else peers) if flags[peer[3]] < phase]
         polls = 0
         started = next_check = 0.0
         sleep_s = SLEEP_MIN_S
@@ -467,16 +528,20 @@ class ShmAllreduce:
                     sleep_s = min(2 * sleep_s, SLEEP_MAX_S)
                 if now >= next_check:
                     next_check = now + LIVENESS_EVERY_S
-                    self._check_peers(waiting, now - started)
-            waiting = [peer for peer in waiting if flags[peer[0] * FLAG_STRIDE] < phase]
+                    self._check_peers(waiting, now - started, doing or "reach the shared-memory all-reduce")
+            waiting = [peer for peer in waiting if flags[peer[3]] < phase]
 
-    def _check_peers(self, waiting: list[tuple[int, int, int | None]], waited_s: float) -> None:
-        for rank, pid, start in waiting:
+    def _check_peers(self, waiting: list[Peer], waited_s: float, doing: str) -> None:
+        # Messages name global ranks: in a host's group of a hierarchical sync they differ from group ranks.
+        for rank, pid, start, _ in waiting:
             if _start_time(pid) != start:
-                raise PeerGone(f"rank {rank} (pid {pid}) exited during a shared-memory all-reduce")
+                raise PeerGone(f"rank {self._global(rank)} (pid {pid}) exited during a shared-memory all-reduce")
         if waited_s > self.timeout_s:
-            ranks = ", ".join(str(rank) for rank, _, _ in waiting)
-            raise PeerGone(f"rank(s) {ranks} did not reach the shared-memory all-reduce within {self.timeout_s:.0f} s")
+            ranks = ", ".join(str(self._global(rank)) for rank, _, _, _ in waiting)
+            raise PeerGone(f"rank(s) {ranks} did not {doing} within {self.timeout_s:.0f} s")
+
+    def _global(self, rank: int) -> int:
+        return dist.get_global_rank(self.group, rank)
 
     def close(self) -> None:
         """Release the mapping (and, on rank 0, the descriptor the peers opened it through)."""
