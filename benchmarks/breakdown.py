@@ -10,10 +10,11 @@ part costs, measured side by side:
 - ``bare step``: gather a batch, forward, cross-entropy, backward, fused SGD, on a model with no
   hooks: the floor of ``benchmarks.floor``, in the trainer's process.
 - ``+ guard, accuracy``: the bare step plus what ``Trainer.eager_step`` adds besides the sync:
-  the guard's multiply-by-one and its read of every gradient, the count of right predictions,
-  the (loss, correct) pair, and the step's clock readings.
+  the guard's read of every gradient and the loss (as at world size 1), the count of right
+  predictions, the (loss, correct) pair, and the step's clock readings.
 - ``+ gradient sync``: the same on the trainer's model, whose backward pass ends with the
-  gradient sync ``--comm auto`` chose (world size 2 and up).
+  gradient sync ``--comm auto`` chose (world size 2 and up), and with the guard as the trainer
+  runs it there (under shm the sync's own verdict replaces the read of every gradient).
 - ``train_step``: ``Trainer.train_step`` itself.
 - ``train loop``: ``train_step`` plus the loop's per-step book-keeping (``Progress.step_done``,
   the window's running sums), with the run's background threads (psutil sampler, hang watch)
@@ -106,6 +107,8 @@ def worker(result_path: Path, steps: int, rounds: int) -> None:
     sums = torch.zeros(2, dtype=torch.float64)
 
     def plain(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rows: torch.Tensor, extras: bool) -> None:
+        """The bare step; with ``extras``, what ``Trainer.eager_step`` adds, its guard as on ``model``
+        (the gradient read at world size 1; under shm the sync's verdict; else the poison and the read)."""
         nonlocal sums
         if not extras:
             loss = F.cross_entropy(model(data.train_x[rows]), data.train_y[rows])
@@ -120,8 +123,17 @@ def worker(result_path: Path, steps: int, rounds: int) -> None:
         loss = F.cross_entropy(logits, targets)
         correct = (logits.detach().argmax(dim=1) == targets).sum()
         optimizer.zero_grad(set_to_none=True)
-        poison_nonfinite(loss).backward()
-        if grads_finite(model.parameters()):
+        if model is bare_model:
+            loss.backward()
+            finite = grads_finite(model.parameters(), loss)
+        elif sync is not None and sync.tells_finite:
+            sync.loss_finite = bool(torch.isfinite(loss))
+            loss.backward()
+            finite = bool(sync.finite)
+        else:
+            poison_nonfinite(loss).backward()
+            finite = grads_finite(model.parameters())
+        if finite:
             optimizer.step()
         finished = time.perf_counter()
         StepTimes().add((loaded - started) * 1e3, (finished - loaded) * 1e3, 0.0)
@@ -134,6 +146,7 @@ def worker(result_path: Path, steps: int, rounds: int) -> None:
         trainer.progress.step_done(trainer.state, rows)
 
     window = StepTimes()
+    sync = trainer.comm.shm_sync if trainer.comm is not None else None
     flat = torch.zeros(sum(p.numel() for p in trainer.model.parameters()))
     copy_target = torch.zeros_like(flat)
     variants: dict[str, Callable[[torch.Tensor], None]] = {
@@ -145,7 +158,6 @@ def worker(result_path: Path, steps: int, rounds: int) -> None:
         "gradient copy": lambda rows: copy_target.copy_(flat),
     }
     if env.distributed:
-        sync = trainer.comm.shm_sync if trainer.comm is not None else None
         variants["+ gradient sync"] = lambda rows: plain(trainer.model, trainer.optimizer, rows, extras=True)
         # The option's own sync with nothing else running: shm's private call, else an all-reduce of
         # the gradients' size (the DDP options sync inside backward and cannot be called alone).

@@ -148,14 +148,17 @@ def with_one_inf(grad: torch.Tensor) -> torch.Tensor:
 
 
 def finite_verdicts(model: torch.nn.Module, forward: torch.nn.Module, comm: Comm) -> list[bool | None]:
-    """The sync's finiteness verdict after a clean pass, a pass where the last rank's gradient holds one
-    Inf (its first element: in the chunk rank 0 reduces), and a clean pass again."""
+    """The sync's finiteness verdict after: a clean pass; a pass where the last rank's gradient holds one
+    Inf (its first element: in the chunk rank 0 reduces); a clean pass; a pass where the last rank
+    reports a non-finite loss (as the trainer does before its backward pass); a clean pass."""
     verdicts = []
     first = next(model.parameters())
-    for poisoned in (False, True, False):
-        handle = None
-        if poisoned and dist.get_rank() == dist.get_world_size() - 1:
-            handle = first.register_hook(with_one_inf)
+    last = dist.get_rank() == dist.get_world_size() - 1
+    assert comm.shm_sync is not None
+    for poison in (None, "grad", None, "loss", None):
+        handle = first.register_hook(with_one_inf) if poison == "grad" and last else None
+        if poison == "loss" and last:
+            comm.shm_sync.loss_finite = False
         model.zero_grad(set_to_none=True)
         inputs, targets = batch(dist.get_rank(), 0)
         F.cross_entropy(forward(inputs), targets).backward()

@@ -138,11 +138,12 @@ def test_shm_gradients_belong_to_their_rank(shm_steps: list[dict], option: str) 
 
 
 @pytest.mark.parametrize("option", ["shm", "auto"])
-def test_shm_sync_tells_every_rank_of_one_nonfinite_element(shm_steps: list[dict], option: str) -> None:
-    """One Inf in the last rank's gradient, in the chunk rank 0 reduces: every rank's sync reads it as not
-    finite (the guard's verdict, without a read of every gradient); the passes before and after read finite."""
+def test_shm_sync_tells_every_rank_of_a_nonfinite_gradient_or_loss(shm_steps: list[dict], option: str) -> None:
+    """One Inf in the last rank's gradient, in the chunk rank 0 reduces, or a non-finite loss on the last
+    rank only: every rank's sync reads it as not finite (the guard's verdict, without a read of every
+    gradient); the passes around them read finite."""
     for rank in shm_steps:
-        assert rank[f"{option}:verdicts"] == [True, False, True]
+        assert rank[f"{option}:verdicts"] == [True, False, True, False, True]
 
 
 def test_shm_accumulates_like_gloo(shm_steps: list[dict]) -> None:

@@ -140,8 +140,11 @@ class ShmGradientSync:
         sizes = [p.numel() for p in self.params]
         self.views = [view.view_as(p) for view, p in zip(self.flat.split(sizes), self.params, strict=True)]
         self._queued = False
-        # Whether the last sync's result was finite, where the reducer can tell (the guard reads it:
-        # trainer/guard.py); None where it cannot.
+        # Whether the reducer can tell if a sync's result is finite (one host's shared memory can; the
+        # hierarchical sync cannot); then ``finite`` is the last sync's verdict, which also covers every
+        # rank's ``loss_finite`` (set before the backward pass). The guard reads it: trainer/guard.py.
+        self.tells_finite = isinstance(reducer, shm.ShmAllreduce)
+        self.loss_finite = True
         self.finite: bool | None = None
         self._handles = [p.register_post_accumulate_grad_hook(self._grad_ready) for p in self.params]
 
@@ -159,7 +162,13 @@ class ShmGradientSync:
                 grads.append(view.zero_())  # not used this pass: contributes zero, as in DDP
             else:
                 grads.append(p.grad.contiguous())  # a fresh tensor, or ``view`` accumulated into
-        self.finite = self.reducer.allreduce(grads, self.flat, divide_by=self.reducer.world_size, check_finite=True)
+        if isinstance(self.reducer, shm.ShmAllreduce):
+            self.finite = self.reducer.allreduce(
+                grads, self.flat, self.reducer.world_size, check_finite=True, local_finite=self.loss_finite
+            )
+            self.loss_finite = True  # until the trainer says otherwise before the next backward pass
+        else:
+            self.reducer.allreduce(grads, self.flat, divide_by=self.reducer.world_size)
         for p, view in zip(self.params, self.views, strict=True):
             if p.grad is not view:
                 p.grad = view

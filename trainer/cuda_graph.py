@@ -37,7 +37,7 @@ from torch import nn
 
 from trainer.config import TrainConfig
 from trainer.errors import UsageError
-from trainer.guard import grads_finite_tensor, poison_nonfinite
+from trainer.guard import grads_finite_tensor
 from trainer.metrics import StepTimes
 
 log = logging.getLogger(__name__)
@@ -162,9 +162,9 @@ class GraphedStep:
         logits = self.model(inputs)
         loss = F.cross_entropy(logits, targets)
         correct = (logits.detach().argmax(dim=1) == targets).sum()
-        poison_nonfinite(loss).backward()
+        loss.backward()
         params = [p for p in self.model.parameters() if p.grad is not None]
-        finite = grads_finite_tensor(params)
+        finite = grads_finite_tensor(params, loss)
         if self.clip_grad_norm is not None:  # clips a non-finite step too: its update is dropped anyway
             torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
         found_inf = (~finite).float()

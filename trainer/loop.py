@@ -109,10 +109,8 @@ class Trainer:
         loss = F.cross_entropy(logits, targets)
         correct = (logits.detach().argmax(dim=1) == targets).sum()
         self.optimizer.zero_grad(set_to_none=True)
-        # Ends with the gradient sync of the --comm option; a non-finite loss on any rank makes the
-        # synced gradients non-finite on every rank (trainer/guard.py), so all ranks skip or stop together.
-        poison_nonfinite(loss).backward()
-        if self.step_is_finite():
+        self.backward(loss)
+        if self.step_is_finite(loss):
             if self.cfg.clip_grad_norm is not None:  # the synced gradients: every rank clips the same
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad_norm)
             self.optimizer.step()
@@ -125,16 +123,30 @@ class Trainer:
         times.add((loaded - started) * 1e3, (finished - loaded) * 1e3 - sync_ms, sync_ms)
         return torch.stack((loss.detach().double(), correct.double()))
 
-    def step_is_finite(self) -> bool:
-        """Whether this step's synced gradients are finite, the same verdict on every rank (trainer/guard.py).
+    def backward(self, loss: torch.Tensor) -> None:
+        """The backward pass, which ends with the gradient sync of the --comm option. A non-finite loss
+        on any rank must reach every rank's verdict (trainer/guard.py), so all ranks skip or stop together."""
+        sync = self.comm.shm_sync if self.comm is not None else None
+        if self.comm is None:  # world size 1: the loss joins the gradient check in ``step_is_finite``
+            loss.backward()
+        elif sync is not None and sync.tells_finite:  # the sync's verdict covers every rank's loss
+            sync.loss_finite = bool(torch.isfinite(loss))
+            loss.backward()
+        else:  # the averaged gradient carries it: NaN on every rank
+            poison_nonfinite(loss).backward()
+
+    def step_is_finite(self, loss: torch.Tensor) -> bool:
+        """Whether this step's loss and synced gradients are finite, the same verdict on every rank
+        (trainer/guard.py).
 
         A non-finite step raises ``Diverged`` under ``--on-nonfinite stop``; under ``skip`` it is
         counted and the caller leaves the weights and the optimiser state as they were.
         """
-        # Under shm the sync has checked the chunk each rank reduced; else one read of every gradient.
-        finite = self.comm.synced_finite() if self.comm is not None else None
-        if finite is None:
-            finite = grads_finite(self.model.parameters())
+        if self.comm is None:
+            finite = grads_finite(self.model.parameters(), loss)
+        else:  # under shm the sync has checked the chunk each rank reduced; else one read of every gradient
+            synced = self.comm.synced_finite()
+            finite = grads_finite(self.model.parameters()) if synced is None else synced
         if self.comm is not None and self.comm.option == "localsgd":  # gradients not averaged: vote
             finite = not any_rank(not finite, self.device)
         if finite:

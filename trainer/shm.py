@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import mmap
 import os
 import platform
@@ -321,6 +322,19 @@ def open_agreed(group: dist.ProcessGroup, capacity: int, timeout_s: float) -> Sh
     return reducer
 
 
+def divide_into(tensor: torch.Tensor, divide_by: int, out: torch.Tensor) -> None:
+    """``out = tensor / divide_by``, as a multiplication where ``divide_by`` is a power of two.
+
+    Both are correctly rounded results of the same real number when the divisor is a power of two
+    (even where the result is subnormal), so the bits are the same; the multiplication runs about
+    twice as fast on gradients still in the cache.
+    """
+    if divide_by & (divide_by - 1) == 0:
+        torch.mul(tensor, 1.0 / divide_by, out=out)
+    else:
+        torch.div(tensor, divide_by, out=out)
+
+
 @dataclass(frozen=True)
 class Span:
     """Elements ``[begin, end)`` of input tensor ``index``, at ``offset`` in the flat vector; summed by ``owner``."""
@@ -413,7 +427,12 @@ class ShmAllreduce:
         return tensor
 
     def allreduce(
-        self, tensors: list[torch.Tensor], out: torch.Tensor, divide_by: int = 1, check_finite: bool = False
+        self,
+        tensors: list[torch.Tensor],
+        out: torch.Tensor,
+        divide_by: int = 1,
+        check_finite: bool = False,
+        local_finite: bool = True,
     ) -> bool:
         """Write the group's sums of ``tensor / divide_by`` for ``tensors`` (contiguous float32, at most
         ``capacity`` elements in all), laid end to end, into ``out`` (flat, contiguous, private).
@@ -425,9 +444,10 @@ class ShmAllreduce:
         every rank. Each rank sums the chunk it has just reduced, while it is still in its cache, and
         publishes the sum beside its flag; NaN and Inf propagate through a sum (as in
         ``trainer.guard.grads_finite``, a sum of finite values that overflows also reads as not
-        finite). Without it, returns True.
+        finite). ``local_finite`` False makes the verdict False on every rank (the divergence guard
+        passes its loss's). Without ``check_finite``, returns True.
         """
-        generation, result = self._sum_chunks(tensors, divide_by, check_finite)
+        generation, result = self._sum_chunks(tensors, divide_by, check_finite, local_finite)
         self._wait_for_peers(2 * generation)
         finite = not check_finite or bool(np.isfinite(self._chunk_sums[1::FLAG_STRIDE]).all())
         # Before this rank calls again (and so before any peer can rewrite this slot set).
@@ -457,27 +477,28 @@ class ShmAllreduce:
             self._flags[self._share_flag] = generation
         else:
             self._wait_for_peers(generation, self._leader, "finish its step across hosts")
-        torch.div(result, divide_by, out=out)
+        divide_into(result, divide_by, out)
         self._generation = generation
 
     def _sum_chunks(
-        self, tensors: list[torch.Tensor], divide_by: int, check_finite: bool = False
+        self, tensors: list[torch.Tensor], divide_by: int, check_finite: bool = False, local_finite: bool = True
     ) -> tuple[int, torch.Tensor]:
         """Phases 1 and 2 of the next call: this rank's chunk of the sum of ``tensors / divide_by`` is
         in the shared result when this returns (the peers' chunks once they publish phase 2)."""
         generation = self._generation + 1
         plan = self._plan(tuple(t.numel() for t in tensors))[generation % 2]
         for index, elements, target in plan.to_peers:
-            torch.div(tensors[index].view(-1)[elements], divide_by, out=target)
+            divide_into(tensors[index].view(-1)[elements], divide_by, target)
         self._flags[self.rank * FLAG_STRIDE] = 2 * generation - 1
         # Only this rank reads its own term before the add: write it while the peers catch up.
         for index, elements, target in plan.to_own:
-            torch.div(tensors[index].view(-1)[elements], divide_by, out=target)
+            divide_into(tensors[index].view(-1)[elements], divide_by, target)
         self._wait_for_peers(2 * generation - 1)
         for slot in plan.own_from_peers:
             plan.own_result.add_(slot)
         if check_finite:
-            self._chunk_sums[self.rank * FLAG_STRIDE + 1] = float(plan.own_result.sum())
+            chunk_sum = float(plan.own_result.sum()) if local_finite else math.nan
+            self._chunk_sums[self.rank * FLAG_STRIDE + 1] = chunk_sum
         self._flags[self.rank * FLAG_STRIDE] = 2 * generation
         return generation, plan.result
 
