@@ -23,6 +23,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.compare
 	$(BIN)/python -m benchmarks.floor
+	$(BIN)/python -m benchmarks.breakdown
 	$(BIN)/python -m benchmarks.scaling
 	@# Two test hosts in network namespaces: needs root, else it says so and make goes on.
 	-$(BIN)/python -m benchmarks.hierarchical
