@@ -138,10 +138,4 @@ def open_agreed(capacity: int, timeout_s: float) -> HierarchicalAllreduce:
     keys: list[str] = [""] * dist.get_world_size()
     dist.all_gather_object(keys, shm.host_key())
     reducer, error = open_reducer(host_groups(keys), capacity, timeout_s)
-    failures = shm.agree(dist.group.WORLD, error)
-    if failures:
-        if reducer is not None:
-            reducer.close()
-        raise OSError(f"the hierarchical all-reduce could not be set up: {failures}")
-    assert reducer is not None
-    return reducer
+    return shm.agreed_or_raise(dist.group.WORLD, reducer, error, "the hierarchical all-reduce")

@@ -75,6 +75,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -313,11 +314,24 @@ def open_agreed(group: dist.ProcessGroup, capacity: int, timeout_s: float) -> Sh
     """``open_reducer`` and ``agree`` in one, for callers with no set-up of their own (benchmarks,
     tests); collective. Raises ``OSError`` on every rank if any rank failed."""
     reducer, error = open_reducer(group, capacity, timeout_s)
+    return agreed_or_raise(group, reducer, error, "shared memory")
+
+
+class Closable(Protocol):
+    def close(self) -> None: ...
+
+
+Reducer = TypeVar("Reducer", bound=Closable)  # ShmAllreduce, or the hierarchical one built on it
+
+
+def agreed_or_raise(group: dist.ProcessGroup, reducer: Reducer | None, error: str, what: str) -> Reducer:
+    """``reducer`` once every rank of ``group`` has set its own up (``agree``); else each rank closes
+    its own and raises ``OSError`` naming ``what`` and the failures. Collective."""
     failures = agree(group, error)
     if failures:
         if reducer is not None:
             reducer.close()
-        raise OSError(f"shared memory could not be set up: {failures}")
+        raise OSError(f"{what} could not be set up: {failures}")
     assert reducer is not None
     return reducer
 
