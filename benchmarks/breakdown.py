@@ -84,7 +84,7 @@ def worker(result_path: Path, steps: int, rounds: int) -> None:
     from trainer.config import TrainConfig
     from trainer.data import load_mnist, prepare_splits
     from trainer.distributed import configure_threads, read_dist_env
-    from trainer.guard import grads_finite, poison_nonfinite
+    from trainer.guard import grads_finite
     from trainer.loop import Trainer
     from trainer.metrics import StepTimes
     from trainer.model import build_model, build_optimizer
@@ -123,16 +123,12 @@ def worker(result_path: Path, steps: int, rounds: int) -> None:
         loss = F.cross_entropy(logits, targets)
         correct = (logits.detach().argmax(dim=1) == targets).sum()
         optimizer.zero_grad(set_to_none=True)
-        if model is bare_model:
+        if model is bare_model:  # the world-size-1 guard
             loss.backward()
             finite = grads_finite(model.parameters(), loss)
-        elif sync is not None and sync.tells_finite:
-            sync.loss_finite = bool(torch.isfinite(loss))
-            loss.backward()
-            finite = bool(sync.finite)
-        else:
-            poison_nonfinite(loss).backward()
-            finite = grads_finite(model.parameters())
+        else:  # the trainer's own guard for its sync
+            trainer.backward(loss)
+            finite = trainer.step_is_finite(loss)
         if finite:
             optimizer.step()
         finished = time.perf_counter()
@@ -146,7 +142,6 @@ def worker(result_path: Path, steps: int, rounds: int) -> None:
         trainer.progress.step_done(trainer.state, rows)
 
     window = StepTimes()
-    sync = trainer.comm.shm_sync if trainer.comm is not None else None
     flat = torch.zeros(sum(p.numel() for p in trainer.model.parameters()))
     copy_target = torch.zeros_like(flat)
     variants: dict[str, Callable[[torch.Tensor], None]] = {
@@ -158,6 +153,7 @@ def worker(result_path: Path, steps: int, rounds: int) -> None:
         "gradient copy": lambda rows: copy_target.copy_(flat),
     }
     if env.distributed:
+        sync = trainer.comm.shm_sync if trainer.comm is not None else None
         variants["+ gradient sync"] = lambda rows: plain(trainer.model, trainer.optimizer, rows, extras=True)
         # The option's own sync with nothing else running: shm's private call, else an all-reduce of
         # the gradients' size (the DDP options sync inside backward and cannot be called alone).

@@ -162,7 +162,7 @@ class ShmGradientSync:
                 grads.append(view.zero_())  # not used this pass: contributes zero, as in DDP
             else:
                 grads.append(p.grad.contiguous())  # a fresh tensor, or ``view`` accumulated into
-        if isinstance(self.reducer, shm.ShmAllreduce):
+        if isinstance(self.reducer, shm.ShmAllreduce):  # ``tells_finite``, narrowed for the type checker
             self.finite = self.reducer.allreduce(
                 grads, self.flat, self.reducer.world_size, check_finite=True, local_finite=self.loss_finite
             )

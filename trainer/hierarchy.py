@@ -98,13 +98,11 @@ class HierarchicalAllreduce:
         self.local, self.leaders = local, leaders
         self.world_size = dist.get_world_size()
 
-    def allreduce(
-        self, tensors: list[torch.Tensor], out: torch.Tensor, divide_by: int = 1, check_finite: bool = False
-    ) -> None:
+    def allreduce(self, tensors: list[torch.Tensor], out: torch.Tensor, divide_by: int = 1) -> None:
         """Write the job's sums of ``tensors`` divided by ``divide_by`` (the division after the sum),
         laid end to end, into ``out`` (flat, contiguous, this rank's own); collective.
 
-        ``check_finite`` is not offered here (returns None): the shared-memory step sees only its
+        No finiteness verdict, unlike ``ShmAllreduce.allreduce``: the shared-memory step sees only its
         host's sum, not the job's, so the divergence guard reads the gradients itself.
         """
         self.local.allreduce_through_leader(tensors, out, self._across_hosts, divide_by)
