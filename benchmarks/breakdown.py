@@ -125,12 +125,12 @@ def worker(result_path: Path, steps: int, rounds: int) -> None:
         optimizer.zero_grad(set_to_none=True)
         if model is bare_model:  # the world-size-1 guard
             loss.backward()
-            finite = grads_finite(model.parameters(), loss)
-        else:  # the trainer's own guard for its sync
+            if grads_finite(model.parameters(), loss):
+                optimizer.step()
+        else:  # the trainer's own guard for its sync, and its update (shared between ranks, or not)
             trainer.backward(loss)
-            finite = trainer.step_is_finite(loss)
-        if finite:
-            optimizer.step()
+            if trainer.step_is_finite(loss):
+                trainer.update()
         finished = time.perf_counter()
         StepTimes().add((loaded - started) * 1e3, (finished - loaded) * 1e3, 0.0)
         sums += torch.stack((loss.detach().double(), correct.double()))

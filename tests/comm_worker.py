@@ -16,6 +16,10 @@ and wall time its own wait took to ``OUT/rank0.json``.
 ``hierarchical OUT``: known terms per rank (``known_terms``) through the hierarchical all-reduce,
 in three calls; each rank saves its results and the host layout to ``OUT/rank<r>.pt``. Run on
 several test hosts (tests/test_multinode.py), where the test recomputes the sums.
+``shared OUT``: ``wrap_model(share_step=True)`` (``trainer.shared_step``) over ``STEPS`` optimiser
+steps through ``Comm.step`` beside DDP over gloo with its own SGD, same batches; whether a write
+by rank 1 into a weight or a momentum reaches rank 0 (the one shared copy) before and after
+``Comm.close``; the weights and momentum before and after closing; the sync's verdicts.
 ``cuda OUT``: over nccl, one GPU per rank: this rank's local gradients and, for each option that
 runs on CUDA, the synchronised gradients and the sync time read, saved to ``OUT/rank<r>.pt``.
 """
@@ -38,7 +42,8 @@ from torch.nn.parallel import DistributedDataParallel
 from trainer import hierarchy, shm
 from trainer.comm import Comm, wrap_model
 from trainer.config import COMM_OPTIONS, TrainConfig
-from trainer.model import build_model
+from trainer.model import build_model, build_optimizer
+from trainer.shared_step import SharedStep
 
 WARMUP = 2  # exact steps before PowerSGD / local SGD change the arithmetic
 PASSES = WARMUP + 1
@@ -263,6 +268,62 @@ def hierarchical(out: Path) -> None:
     torch.save({"hosts": hierarchy.host_groups(keys), "results": results}, out / f"rank{rank}.pt")
 
 
+def seen_by_rank0(write: torch.Tensor) -> bool:
+    """Rank 1 adds 1 to ``write``'s first element; whether rank 0's same tensor changed (rank 1 then puts the
+    old value back)."""
+    first = write.view(-1)[:1]
+    before = first.clone()
+    dist.barrier()
+    if dist.get_rank() == 1:
+        first.add_(1.0)
+    dist.barrier()
+    seen = not torch.equal(first, before)
+    dist.barrier()
+    if dist.get_rank() == 1:
+        first.copy_(before)
+    dist.barrier()
+    return seen
+
+
+@torch.no_grad()
+def probes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, bool]:
+    weight = next(model.parameters())
+    return {
+        "weight": seen_by_rank0(weight),
+        "momentum": seen_by_rank0(optimizer.state[weight]["momentum_buffer"]),
+    }
+
+
+def shared(out: Path) -> None:
+    rank, cfg, cpu = dist.get_rank(), TrainConfig(), torch.device("cpu")
+    model, reference = build_model(cfg), build_model(cfg)
+    forward, comm = wrap_model(model, cpu, True, "auto", timeout_s=60, share_step=True)
+    assert comm is not None and isinstance(comm.shm_sync, SharedStep)
+    reference_ddp = DistributedDataParallel(reference)
+    optimizer, reference_optimizer = build_optimizer(cfg, model), build_optimizer(cfg, reference)
+    for step in range(STEPS):
+        inputs, targets = batch(rank, step)
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(forward(inputs), targets).backward()
+        comm.step(optimizer)
+        reference_optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(reference_ddp(inputs), targets).backward()
+        reference_optimizer.step()
+    results: dict[str, object] = {
+        "weights": [p.detach().clone() for p in model.parameters()],
+        "reference": [p.detach().clone() for p in reference.parameters()],
+        "momentum": [optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()],
+        "reference_momentum": [reference_optimizer.state[p]["momentum_buffer"].clone() for p in reference.parameters()],
+        "shared": probes(model, optimizer),
+        "verdicts": finite_verdicts(model, forward, comm),
+    }
+    comm.close()
+    results["private"] = probes(model, optimizer)
+    results["closed_weights"] = [p.detach().clone() for p in model.parameters()]
+    results["closed_momentum"] = [optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    torch.save(results, out / f"rank{rank}.pt")
+
+
 def cuda(out: Path) -> None:
     rank = dist.get_rank()
     device = torch.device("cuda", rank)
@@ -293,6 +354,8 @@ def main() -> None:
             cuda(out)
         elif mode == "steps":
             steps(out)
+        elif mode == "shared":
+            shared(out)
         elif mode == "wait":
             wait(out)
         elif mode == "hierarchical":

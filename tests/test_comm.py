@@ -157,6 +157,47 @@ def test_shm_accumulates_like_gloo(shm_steps: list[dict]) -> None:
                 assert torch.equal(got, want)
 
 
+@pytest.fixture(scope="module", params=[2, 3])
+def shared_steps(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """Every rank's record of the ``shared`` mode (trainer/shared_step.py) at world size 2 and 3."""
+    out = tmp_path_factory.mktemp(f"shared{request.param}")
+    run_worker("shared", out, request.param)
+    return [torch.load(out / f"rank{r}.pt") for r in range(request.param)]
+
+
+def test_the_shared_step_gives_ddp_weights_and_momentum(shared_steps: list[dict]) -> None:
+    """Each rank stepping its chunk of one shared copy: after the steps every rank holds DDP-over-gloo's
+    weights and momentum with its own SGD, bit for bit at world size 2, within float32 summation
+    order (the gradients' sums differ in order) at 3."""
+    for rank in shared_steps:
+        for key, reference in (("weights", "reference"), ("momentum", "reference_momentum")):
+            for got, want in zip(rank[key], rank[reference], strict=True):
+                if len(shared_steps) == 2:
+                    assert torch.equal(got, want), f"{key} differ from DDP's"
+                else:
+                    assert torch.allclose(got, want, rtol=0, atol=1e-6), f"{key} differ from DDP's"
+            for got, rank0 in zip(rank[key], shared_steps[0][key], strict=True):
+                assert torch.equal(got, rank0), f"ranks hold different {key}"
+
+
+def test_the_shared_step_is_one_copy_until_closed(shared_steps: list[dict]) -> None:
+    """Rank 1's write into a weight and a momentum reaches rank 0 while the step is shared; after
+    ``Comm.close`` each rank's are its own again, with the values they had."""
+    rank0 = shared_steps[0]
+    assert rank0["shared"] == {"weight": True, "momentum": True}
+    assert rank0["private"] == {"weight": False, "momentum": False}
+    for key, closed in (("weights", "closed_weights"), ("momentum", "closed_momentum")):
+        for before, after in zip(rank0[key], rank0[closed], strict=True):
+            assert torch.equal(before, after)
+
+
+def test_the_shared_step_tells_every_rank_of_a_nonfinite_gradient_or_loss(shared_steps: list[dict]) -> None:
+    """As under the unshared sync: an Inf in the last rank's gradient or a non-finite loss there
+    reads as not finite on every rank, and the passes around them as finite."""
+    for rank in shared_steps:
+        assert rank["verdicts"] == [True, False, True, False, True]
+
+
 @pytest.mark.parametrize(("option", "rtol", "atol"), [("bf16", 2**-7, 0.0), ("fp16", 2**-10, 2**-23)])
 def test_compressed_options_within_rounding_bound(world2: list[dict], option: str, rtol: float, atol: float) -> None:
     assert_same_on_every_rank(world2, option)

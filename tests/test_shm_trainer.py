@@ -123,3 +123,72 @@ def test_clip_grad_norm_must_be_positive() -> None:
     assert TrainConfig(clip_grad_norm=0.5).clip_grad_norm == 0.5
     with pytest.raises(UsageError, match="--clip-grad-norm must be positive"):
         TrainConfig(clip_grad_norm=0.0)
+
+
+SHARED = "one shared copy of the weights, each rank steps"
+UNSHARED = ("--shared-step", "off")  # every rank steps all the weights on its own copy
+SHARED_CASES = [(2, "0.9"), (3, "0.9"), (2, "0")]  # (world size, --momentum)
+
+
+@pytest.mark.parametrize(("world", "momentum"), SHARED_CASES)
+def test_the_shared_step_gives_the_weights_of_every_rank_stepping_alone(
+    tmp_path: Path, world: int, momentum: str
+) -> None:
+    """``--comm auto`` on one host, each rank updating its chunk of one shared copy of the weights,
+    against the same sync with every rank stepping all weights itself: the same weights and the
+    same momentum in the checkpoint, bit for bit (at world size 2 also gloo's weights), and the log
+    says which ran and why."""
+    common = [*ARGS, "--max-steps", str(STEPS), "--checkpoint-every", str(STEPS), "--momentum", momentum]
+    runs = {}
+    for name, extra in [("shared", ()), ("unshared", UNSHARED), ("gloo", ("--comm", "gloo"))]:
+        if name == "gloo" and world != 2:
+            continue
+        run_dir = tmp_path / name
+        result = run_torchrun(world, [*common, *extra, "--run-dir", str(run_dir)], timeout=300)
+        assert_ok(result)
+        runs[name] = (run_dir, result.stderr)
+    for rank in range(world):
+        assert (
+            f"[rank {rank}] INFO gradient sync: shm (auto: all ranks on one host; {SHARED} 1/{world}"
+            in (runs["shared"][1])
+        )
+    assert "optimiser step not shared between ranks: --shared-step off" in runs["unshared"][1]
+    assert SHARED not in runs["unshared"][1]
+    shared, unshared = (
+        torch.load(runs[name][0] / "checkpoints" / f"step-{STEPS:08d}.pt", weights_only=True)
+        for name in ("shared", "unshared")
+    )
+    for name, tensor in shared["model"].items():
+        assert torch.equal(tensor, unshared["model"][name]), f"{name} differs"
+    states, theirs = shared["optimizer"]["state"], unshared["optimizer"]["state"]
+    assert states.keys() == theirs.keys()
+    assert bool(states) == (momentum != "0"), "SGD keeps momentum buffers exactly when momentum is not 0"
+    for index, state in states.items():
+        assert torch.equal(state["momentum_buffer"], theirs[index]["momentum_buffer"]), f"momentum {index} differs"
+    if world == 2:
+        assert read_summary(runs["shared"][0])["params_sha256"] == read_summary(runs["gloo"][0])["params_sha256"]
+
+
+def test_adam_steps_on_every_rank_and_says_why(tmp_path: Path) -> None:
+    """A recipe the shared step does not cover runs the unshared sync, and the log names the reason."""
+    run_dir = tmp_path / "adam"
+    args = [*ARGS, "--max-steps", "10", "--optimizer", "adam", "--run-dir", str(run_dir)]
+    result = run_torchrun(2, args, timeout=300)
+    assert_ok(result)
+    assert "optimiser step not shared between ranks: --optimizer adam" in result.stderr
+    assert SHARED not in result.stderr
+
+
+def test_a_setup_failure_of_the_shared_step_sends_every_rank_to_gloo(tmp_path: Path) -> None:
+    """Rank 1 fails to map the shared memory (both mappings of the shared step): every rank falls
+    back to gloo together, names the failure, and ends with gloo's weights."""
+    args = [*ARGS, "--max-steps", "10"]
+    failed = run_torchrun(
+        2, [*args, "--run-dir", str(tmp_path / "failed")], timeout=300, **{shm.TEST_FAIL_ENV: "1:map"}
+    )
+    gloo = run_torchrun(2, [*args, "--comm", "gloo", "--run-dir", str(tmp_path / "gloo")], timeout=300)
+    assert_ok(failed)
+    assert_ok(gloo)
+    for rank in range(2):
+        assert f"[rank {rank}] INFO gradient sync: gloo (shared memory set-up failed (rank 1 failed" in failed.stderr
+    assert read_summary(tmp_path / "failed")["params_sha256"] == read_summary(tmp_path / "gloo")["params_sha256"]

@@ -10,7 +10,9 @@ Options (``--comm``):
 - ``gloo``: the process group's own all-reduce (gloo on CPU, nccl on CUDA): pre-divide, sum.
 - ``shm``: the same arithmetic through shared memory between the ranks of one host
   (``trainer.shm``); exact, and faster than gloo on loopback (docs/performance.md). It does
-  DDP's job itself, without DDP (see ``ShmGradientSync``).
+  DDP's job itself, without DDP (see ``ShmGradientSync``); where the recipe allows, the ranks
+  also share one copy of the weights and each runs the optimiser on its chunk of them
+  (``trainer.shared_step``, the same numbers).
 - ``hierarchical``: ranks on several hosts sum within each host through shared memory, the hosts'
   leaders all-reduce the host sums over gloo, and each host's ranks copy the result
   (``trainer.hierarchy``); exact (a fixed summation order, the same bits on every rank), and the
@@ -44,6 +46,7 @@ from trainer.checkpoint import numpy_rng_from_plain, numpy_rng_to_plain
 from trainer.config import COMM_OPTIONS
 from trainer.metrics import device_clock
 from trainer.powersgd_state import PowerSGDMemory
+from trainer.shared_step import SharedStep, open_shared_step
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +195,8 @@ class Comm:
         self.option = option
         self.timer = timer
         self.clock = clock  # trainer.metrics.device_clock: on CUDA it waits for the averaging to run
-        self.shm_sync: ShmGradientSync | None = None
+        # The shared-memory sync; a ``SharedStep`` also runs the optimiser step (``step``).
+        self.shm_sync: ShmGradientSync | SharedStep | None = None
         self.averager: PeriodicModelAverager | None = None
         self.powersgd: powerSGD_hook.PowerSGDState | None = None
         self.powersgd_memory: PowerSGDMemory | None = None  # its per-bucket memories, checkpointed per parameter
@@ -205,6 +209,15 @@ class Comm:
         """Whether the gradients of the last sync are all finite, where the sync found out on its way
         (shared memory on one host: each rank checks the chunk it reduced); None where it did not."""
         return self.shm_sync.finite if self.shm_sync is not None else None
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """The optimiser step on the synced gradients: under a ``SharedStep`` each rank updates its own
+        chunk of the weights the host's ranks share; else ``optimizer.step()``."""
+        if isinstance(self.shm_sync, SharedStep):
+            self.shm_sync.update(optimizer)
+        else:
+            optimizer.step()
+        self.after_step(p for group in optimizer.param_groups for p in group["params"])
 
     def after_step(self, params: Iterable[torch.Tensor]) -> None:
         """Call after every optimiser step (local SGD averages the parameters here)."""
@@ -348,24 +361,33 @@ def start_shm_sync(
     timeout_s: float,
     timer: SyncTimer,
     hosts: list[list[int]] | None = None,
-) -> tuple[ShmGradientSync | None, str]:
+    share_step: bool = False,
+) -> tuple[ShmGradientSync | SharedStep | None, str]:
     """The shared-memory sync for ``model``, or None and why not; collective over ``group`` (the whole
-    job), and agreed. With ``hosts`` (each host's global ranks), the hierarchical sync across them.
+    job), and agreed. With ``hosts`` (each host's global ranks), the hierarchical sync across them;
+    else, with ``share_step``, the sync and optimiser step on shared weights (``trainer.shared_step``).
 
     Every rank runs the same collectives whatever fails locally, then the ranks exchange their
     errors: if any rank failed at any point (any exception, on any host), all of them get None together.
     """
     rank = dist.get_rank()
     numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    reducer: shm.ShmAllreduce | hierarchy.HierarchicalAllreduce | None
-    if hosts is None:
-        reducer, error = shm.open_reducer(group, numel, timeout_s)
+    sync: ShmGradientSync | SharedStep | None = None
+    reducer: shm.ShmAllreduce | hierarchy.HierarchicalAllreduce | None = None
+    if hosts is None and share_step:
+        sync, error = open_shared_step(model, group, timeout_s, timer)
     else:
-        reducer, error = hierarchy.open_reducer(hosts, numel, timeout_s)
-    sync = None
-    if reducer is not None:
+        if hosts is None:
+            reducer, error = shm.open_reducer(group, numel, timeout_s)
+        else:
+            reducer, error = hierarchy.open_reducer(hosts, numel, timeout_s)
+        if reducer is not None:
+            try:
+                sync = ShmGradientSync(model, reducer, timer)
+            except Exception as exc:
+                error = shm.describe(rank, "setting up the gradient sync", exc)
+    if sync is not None:
         try:
-            sync = ShmGradientSync(model, reducer, timer)
             shm.fail_for_tests("sync", rank)
         except Exception as exc:
             error = shm.describe(rank, "setting up the gradient sync", exc)
@@ -377,7 +399,12 @@ def start_shm_sync(
             reducer.close()
         return None, failures
     with torch.no_grad():  # start from rank 0's weights, as DDP does
-        for tensor in [*model.parameters(), *model.buffers()]:
+        if isinstance(sync, SharedStep):
+            sync.share_weights(group)  # one copy, rank 0's
+            tensors = list(model.buffers())
+        else:
+            tensors = [*model.parameters(), *model.buffers()]
+        for tensor in tensors:
             dist.broadcast(tensor, src=dist.get_global_rank(group, 0), group=group)
     return sync, ""
 
@@ -390,6 +417,7 @@ def wrap_model(
     timeout_s: float = 120.0,
     bucket_cap_mb: float | None = None,
     warmup_steps: int | None = None,
+    share_step: bool = False,
 ) -> tuple[nn.Module, Comm | None]:
     """The model to train through, and its timed sync option, when distributed; the bare model (and
     no Comm) otherwise.
@@ -398,7 +426,9 @@ def wrap_model(
     shared-memory average; under the other options, DDP with the option's communication hook.
     ``bucket_cap_mb`` is DDP's (its default lets gloo overlap the first bucket's all-reduce with
     the rest of the backward pass). ``warmup_steps`` overrides the exact steps before PowerSGD or
-    local SGD start.
+    local SGD start. ``share_step``: under ``shm``, the ranks share one copy of the weights and
+    each runs the optimiser on its chunk (``trainer.shared_step``; the caller then steps through
+    ``Comm.step``); only for recipes that need no whole averaged gradient (``recipe_reason``).
     """
     if not distributed:
         return model, None
@@ -409,8 +439,10 @@ def wrap_model(
     result = Comm(option, SyncTimer(), device_clock(device))
     if option in ("shm", "hierarchical"):
         layout = hosts if option == "hierarchical" else None
-        result.shm_sync, failures = start_shm_sync(model, group, timeout_s, result.timer, layout)
+        result.shm_sync, failures = start_shm_sync(model, group, timeout_s, result.timer, layout, share_step)
         if result.shm_sync is not None:
+            if isinstance(result.shm_sync, SharedStep):
+                why += f"; one shared copy of the weights, each rank steps 1/{dist.get_world_size()} of them"
             _log_choice(comm, option, why)
             return model, result
         option = result.option = "gloo"

@@ -73,6 +73,13 @@ class TrainConfig:
         "can (one process on CUDA), on = require it, off = eager steps.",
         ("auto", "on", "off"),
     )
+    shared_step: str = _opt(
+        "auto",
+        "Under shm, whether the host's ranks share one copy of the weights and each steps its chunk of them "
+        "(trainer/shared_step.py): auto = where the recipe allows (sgd, no --clip-grad-norm), off = every rank "
+        "steps all the weights on its own copy (its .grad then holds the average).",
+        ("auto", "off"),
+    )
     clip_grad_norm: float | None = _opt(
         None, "Clip the gradients' global L2 norm to this value after the sync, before each optimiser step."
     )

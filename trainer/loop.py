@@ -28,6 +28,7 @@ from trainer.metrics import StepTimes, device_clock
 from trainer.model import INPUT_SIZE, NUM_CLASSES, build_model, build_optimizer, count_parameters
 from trainer.progress import Progress
 from trainer.sampling import EpochPlan, epoch_permutation
+from trainer.shared_step import recipe_reason
 from trainer.signals import StopRequested, StopSignal
 
 log = logging.getLogger(__name__)
@@ -68,9 +69,18 @@ class Trainer:
             )
         self.model = build_model(cfg).to(device)
         # What the step calls: the model itself, or DDP around it; ``comm`` syncs and times the gradients.
+        not_shared = recipe_reason(cfg)
         self.forward, self.comm = wrap_model(
-            self.model, device, dist_env.distributed, cfg.comm, cfg.timeout, warmup_steps=cfg.comm_warmup_steps
+            self.model,
+            device,
+            dist_env.distributed,
+            cfg.comm,
+            cfg.timeout,
+            warmup_steps=cfg.comm_warmup_steps,
+            share_step=not_shared is None,
         )
+        if not_shared and self.comm is not None and self.comm.option == "shm":
+            log.info("optimiser step not shared between ranks: %s", not_shared)
         self.optimizer = build_optimizer(cfg, self.model)
         # One process on CUDA: the step is captured in a CUDA graph after a few eager steps.
         self.graphed = (
@@ -113,15 +123,20 @@ class Trainer:
         if self.step_is_finite(loss):
             if self.cfg.clip_grad_norm is not None:  # the synced gradients: every rank clips the same
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad_norm)
-            self.optimizer.step()
-            if self.comm is not None:
-                self.comm.after_step(self.model.parameters())
+            self.update()
         else:  # the skipped step adds nothing to the epoch's loss and accuracy
             loss, correct = torch.zeros_like(loss), torch.zeros_like(correct)
         finished = self.clock()
         sync_ms = self.comm.take_ms() if self.comm is not None else 0.0
         times.add((loaded - started) * 1e3, (finished - loaded) * 1e3 - sync_ms, sync_ms)
         return torch.stack((loss.detach().double(), correct.double()))
+
+    def update(self) -> None:
+        """The optimiser step on the synced gradients (under a shared step, this rank's chunk of it)."""
+        if self.comm is None:
+            self.optimizer.step()
+        else:
+            self.comm.step(self.optimizer)
 
     def backward(self, loss: torch.Tensor) -> None:
         """The backward pass, which ends with the gradient sync of the --comm option. A non-finite loss

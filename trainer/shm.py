@@ -28,6 +28,9 @@ The arithmetic is gloo's sum of pre-divided gradients:
   another order, so against gloo the values agree up to float summation order (relative error
   of a few float32 ulps of the summed magnitudes).
 
+Call ``g`` publishes flag value ``3g - 2`` for phase 1 and ``3g - 1`` for phase 2; ``3g`` is left for
+a third phase of ``trainer.shared_step``, which runs the same protocol on a reducer of its own.
+
 Two slot sets (``generation % 2``) let a rank start the next call while a peer still copies the
 previous result: a set is rewritten two calls later, after every rank has entered the call in
 between, and so has finished copying.
@@ -43,7 +46,7 @@ order and that really load or store memory (nothing is cached in a register acro
 an aligned int64 store is atomic. Architectures with weaker ordering (Arm, POWER) would need
 fences that these calls do not issue, so they use gloo instead (``local_reason``).
 
-Waiting (``_wait_for_peers``): a rank whose peers have not published polls their flags back to
+Waiting (``wait_for_peers``): a rank whose peers have not published polls their flags back to
 back ``SPIN_POLLS`` times (a peer in the same step arrives within microseconds), then yields the
 CPU before each poll until it has waited ``YIELD_FOR_S`` (at once when there are more ranks than
 CPUs), then sleeps between polls, ``SLEEP_MIN_S`` doubling up to ``SLEEP_MAX_S``: a peer busy
@@ -360,10 +363,15 @@ class Span:
     owner: int
 
 
-def plan_spans(sizes: tuple[int, ...], bounds: list[tuple[int, int]]) -> list[Span]:
-    """Cut tensors of ``sizes``, laid end to end, at the owners' chunk ``bounds``: each element in one span."""
+def plan_spans(
+    sizes: tuple[int, ...], bounds: list[tuple[int, int]], offsets: tuple[int, ...] | None = None
+) -> list[Span]:
+    """Cut tensors of ``sizes``, laid end to end (or each at its ``offsets`` in the flat vector), at
+    the owners' chunk ``bounds``: each element in one span."""
     spans, start = [], 0
     for index, size in enumerate(sizes):
+        if offsets is not None:
+            start = offsets[index]
         for owner, (lo, hi) in enumerate(bounds):
             a, b = max(start, lo), min(start + size, hi)
             if a < b:
@@ -462,8 +470,8 @@ class ShmAllreduce:
         passes its loss's). Without ``check_finite``, returns True.
         """
         generation, result = self._sum_chunks(tensors, divide_by, check_finite, local_finite)
-        self._wait_for_peers(2 * generation)
-        finite = not check_finite or bool(np.isfinite(self._chunk_sums[1::FLAG_STRIDE]).all())
+        self.wait_for_peers(3 * generation - 1)
+        finite = not check_finite or self.chunk_sums_finite()
         # Before this rank calls again (and so before any peer can rewrite this slot set).
         out.copy_(result)
         self._generation = generation
@@ -486,11 +494,11 @@ class ShmAllreduce:
         """
         generation, result = self._sum_chunks(tensors, 1)
         if self.rank == 0:
-            self._wait_for_peers(2 * generation)
+            self.wait_for_peers(3 * generation - 1)
             leader_step(result)
             self._flags[self._share_flag] = generation
         else:
-            self._wait_for_peers(generation, self._leader, "finish its step across hosts")
+            self.wait_for_peers(generation, self._leader, "finish its step across hosts")
         divide_into(result, divide_by, out)
         self._generation = generation
 
@@ -503,17 +511,16 @@ class ShmAllreduce:
         plan = self._plan(tuple(t.numel() for t in tensors))[generation % 2]
         for index, elements, target in plan.to_peers:
             divide_into(tensors[index].view(-1)[elements], divide_by, target)
-        self._flags[self.rank * FLAG_STRIDE] = 2 * generation - 1
+        self.publish(3 * generation - 2)
         # Only this rank reads its own term before the add: write it while the peers catch up.
         for index, elements, target in plan.to_own:
             divide_into(tensors[index].view(-1)[elements], divide_by, target)
-        self._wait_for_peers(2 * generation - 1)
+        self.wait_for_peers(3 * generation - 2)
         for slot in plan.own_from_peers:
             plan.own_result.add_(slot)
         if check_finite:
-            chunk_sum = float(plan.own_result.sum()) if local_finite else math.nan
-            self._chunk_sums[self.rank * FLAG_STRIDE + 1] = chunk_sum
-        self._flags[self.rank * FLAG_STRIDE] = 2 * generation
+            self.publish_chunk_sum(plan.own_result, local_finite)
+        self.publish(3 * generation - 1)
         return generation, plan.result
 
     def _plan(self, sizes: tuple[int, ...]) -> tuple[_Plan, _Plan]:
@@ -542,7 +549,25 @@ class ShmAllreduce:
             self._plans[sizes] = (plans[0], plans[1])
         return self._plans[sizes]
 
-    def _wait_for_peers(self, phase: int, peers: list[Peer] | None = None, doing: str = "") -> None:
+    # -- the flag protocol, also used by ``trainer.shared_step`` ------------------------------
+    def slot(self, generation: int, rank: int) -> torch.Tensor:
+        """Rank ``rank``'s slot of the slot set that call ``generation`` uses (``capacity`` float32s)."""
+        return self._slots[generation % 2][rank]
+
+    def publish(self, phase: int) -> None:
+        """Tell the peers this rank has reached ``phase`` (after the stores it announces; module docstring)."""
+        self._flags[self.rank * FLAG_STRIDE] = phase
+
+    def publish_chunk_sum(self, chunk: torch.Tensor, local_finite: bool = True) -> None:
+        """Publish the sum of ``chunk`` (NaN if not ``local_finite``) beside this rank's flag, before
+        publishing the phase that announces it; ``chunk_sums_finite`` reads every rank's."""
+        self._chunk_sums[self.rank * FLAG_STRIDE + 1] = float(chunk.sum()) if local_finite else math.nan
+
+    def chunk_sums_finite(self) -> bool:
+        """Whether every rank's published chunk sum is finite (NaN and Inf propagate through a sum)."""
+        return bool(np.isfinite(self._chunk_sums[1::FLAG_STRIDE]).all())
+
+    def wait_for_peers(self, phase: int, peers: list[Peer] | None = None, doing: str = "") -> None:
         """Return once each of ``peers`` (default: every peer) has published ``phase`` in its flag:
         spin, then yield, then sleep (module docstring). ``doing``: what a stuck peer failed to do."""
         flags = self._flags
