@@ -13,8 +13,9 @@ part costs, measured side by side:
   the guard's read of every gradient and the loss (as at world size 1), the count of right
   predictions, the (loss, correct) pair, and the step's clock readings.
 - ``+ gradient sync``: the same on the trainer's model, whose backward pass ends with the
-  gradient sync ``--comm auto`` chose (world size 2 and up), and with the guard as the trainer
-  runs it there (under shm the sync's own verdict replaces the read of every gradient).
+  gradient sync ``--comm auto`` chose (world size 2 and up), with the guard as the trainer
+  runs it there (under shm the sync's own verdict replaces the read of every gradient), and
+  with its update (``Trainer.update``: under shm each rank steps its chunk of the shared weights).
 - ``train_step``: ``Trainer.train_step`` itself.
 - ``train loop``: ``train_step`` plus the loop's per-step book-keeping (``Progress.step_done``,
   the window's running sums), with the run's background threads (psutil sampler, hang watch)
@@ -22,7 +23,8 @@ part costs, measured side by side:
 
 And parts timed alone, each rank in step with its peer:
 
-- ``sync alone``: the gradient sync with nothing else running.
+- ``sync alone``: the gradient sync with nothing else running (under the shared step its
+  phases 1 and 2: the chunk's average and the verdict, without the update).
 - ``grads read``: the guard's read of every gradient (``grads_finite``).
 - ``gradient copy``: one copy of the gradients (2.1 MB) from one private buffer to another.
 

@@ -42,6 +42,7 @@ from torch.distributed.algorithms.model_averaging.averagers import PeriodicModel
 from torch.nn.parallel import DistributedDataParallel
 
 from trainer import hierarchy, shm
+from trainer.after_backward import AfterBackward
 from trainer.checkpoint import numpy_rng_from_plain, numpy_rng_to_plain
 from trainer.config import COMM_OPTIONS
 from trainer.metrics import device_clock
@@ -142,22 +143,15 @@ class ShmGradientSync:
         self.flat = torch.zeros(sum(p.numel() for p in self.params))
         sizes = [p.numel() for p in self.params]
         self.views = [view.view_as(p) for view, p in zip(self.flat.split(sizes), self.params, strict=True)]
-        self._queued = False
         # Whether the reducer can tell if a sync's result is finite (one host's shared memory can; the
         # hierarchical sync cannot); then ``finite`` is the last sync's verdict, which also covers every
         # rank's ``loss_finite`` (set before the backward pass). The guard reads it: trainer/guard.py.
         self.tells_finite = isinstance(reducer, shm.ShmAllreduce)
         self.loss_finite = True
         self.finite: bool | None = None
-        self._handles = [p.register_post_accumulate_grad_hook(self._grad_ready) for p in self.params]
-
-    def _grad_ready(self, _param: torch.Tensor) -> None:
-        if not self._queued:  # first gradient of this backward pass: sync once it has finished
-            self._queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._sync)
+        self._after_backward = AfterBackward(self.params, self._sync)
 
     def _sync(self) -> None:
-        self._queued = False
         started = time.perf_counter()
         grads = []
         for p, view in zip(self.params, self.views, strict=True):
@@ -178,8 +172,7 @@ class ShmGradientSync:
         self.timer.add_ms((time.perf_counter() - started) * 1e3)
 
     def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
+        self._after_backward.remove()
         self.reducer.close()
 
 

@@ -44,6 +44,7 @@ from torch import nn
 from torch.optim.sgd import sgd
 
 from trainer import shm
+from trainer.after_backward import AfterBackward
 from trainer.config import TrainConfig
 
 if TYPE_CHECKING:
@@ -136,10 +137,9 @@ class SharedStep:
         self._from_peers = [[reducer.slot(g, peer)[lo:hi] for peer in range(world) if peer != rank] for g in (0, 1)]
         self._generation = 0
         self._optimizer: torch.optim.Optimizer | None = None
-        self._queued = False
         self.loss_finite = True  # the trainer's verdict on its loss, set before each backward pass
         self.finite: bool | None = None  # the last sync's verdict, the same on every rank
-        self._handles = [p.register_post_accumulate_grad_hook(self._grad_ready) for p in self.params]
+        self._after_backward = AfterBackward(self.params, self._sync)
 
     def _shared(self, offset: int, like: torch.Tensor) -> torch.Tensor:
         return torch.frombuffer(self._map, dtype=torch.float32, offset=offset * 4, count=like.numel()).view_as(like)
@@ -156,13 +156,7 @@ class SharedStep:
             p.data = shared
 
     # -- phases 1 and 2: the average of this rank's chunk, and the verdict -----------------
-    def _grad_ready(self, _param: torch.Tensor) -> None:
-        if not self._queued:  # first gradient of this backward pass: sync once it has finished
-            self._queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._sync)
-
     def _sync(self) -> None:
-        self._queued = False
         started = time.perf_counter()
         reducer, generation = self.reducer, self._generation + 1
         world, sets = reducer.world_size, generation % 2
@@ -198,8 +192,9 @@ class SharedStep:
         stays) the shared copy, so ``optimizer.state_dict()`` holds the whole of it."""
         group = self._group_of(optimizer)
         momentum = group["momentum"]
-        buffers = self._momentum_buffers(optimizer) if momentum != 0 else [None] * len(self._own)
-        first = any(buffer is None for buffer in buffers) and momentum != 0
+        # The first step makes the buffers (SGD's first momentum is the gradient itself).
+        first = momentum != 0 and all(optimizer.state[p].get("momentum_buffer") is None for p in self.params)
+        buffers = self._momentum_buffers(optimizer) if momentum != 0 and not first else [None] * len(self._own)
         sgd(
             self._own_weights,
             self._own_average,
@@ -233,12 +228,10 @@ class SharedStep:
         return group
 
     def _momentum_buffers(self, optimizer: torch.optim.Optimizer) -> list[torch.Tensor | None]:
-        """This rank's chunk of the shared momentum; Nones before the first step. A momentum the
-        optimiser got elsewhere (a checkpoint) is taken into the shared copy, this rank's chunk by
-        this rank (each rank only ever touches its own chunk)."""
+        """This rank's chunk of the shared momentum, after the first step. A momentum the optimiser
+        got elsewhere (a checkpoint) is taken into the shared copy, this rank's chunk by this rank
+        (each rank only ever touches its own chunk)."""
         held = [optimizer.state[p].get("momentum_buffer") for p in self.params]
-        if all(buffer is None for buffer in held):
-            return [None] * len(self._own)
         for index, (p, buffer, shared) in enumerate(zip(self.params, held, self.momentum, strict=True)):
             if buffer is None:
                 raise ValueError("the optimiser holds momentum for some parameters but not all")
@@ -251,8 +244,7 @@ class SharedStep:
 
     def close(self) -> None:
         """Give every parameter (and momentum) a private copy again, then release the shared memory."""
-        for handle in self._handles:
-            handle.remove()
+        self._after_backward.remove()
         with torch.no_grad():
             for p, shared in zip(self.params, self.weights, strict=True):
                 if p.data.data_ptr() == shared.data_ptr():
