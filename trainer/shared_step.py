@@ -32,9 +32,7 @@ average on every rank (gradient clipping) and optimisers other than ``torch.opti
 
 from __future__ import annotations
 
-import contextlib
 import mmap
-import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -92,10 +90,7 @@ def open_shared_step(
     if step is None:
         if reducer is not None:
             reducer.close()
-        if mapping is not None:
-            mapping.close()
-        if fd >= 0:
-            os.close(fd)
+        shm.release(mapping, fd)
     return step, error
 
 
@@ -125,18 +120,13 @@ class SharedStep:
         self.momentum = [self._shared(total + o, p) for o, p in zip(offsets, self.params, strict=True)]
         # This rank's chunk of the average; padding between tensors stays zero (the slots' is too).
         self.average = torch.zeros(hi - lo)
+        self._plans = reducer.plan(spans, (lo, hi), total, own=self.average)
         self._own = [s for s in spans if s.owner == rank]
-        self._to_peers = [s for s in spans if s.owner != rank]
         self._own_average = [self.average[s.offset - lo : s.offset - lo + s.end - s.begin] for s in self._own]
         self._own_weights = [self.weights[s.index].view(-1)[s.begin : s.end] for s in self._own]
         self._own_momentum = [self.momentum[s.index].view(-1)[s.begin : s.end] for s in self._own]
-        # Per slot set: where this rank's terms for its peers go, and its own chunk in each peer's slot.
-        self._peer_terms = [
-            [reducer.slot(g, rank)[s.offset : s.offset + s.end - s.begin] for s in self._to_peers] for g in (0, 1)
-        ]
-        self._from_peers = [[reducer.slot(g, peer)[lo:hi] for peer in range(world) if peer != rank] for g in (0, 1)]
-        self._generation = 0
-        self._optimizer: torch.optim.Optimizer | None = None
+        self._generation = 0  # the number of the last sync, whose phase 3 ``update`` publishes
+        self._optimizer: torch.optim.Optimizer | None = None  # the one ``update`` has checked
         self.loss_finite = True  # the trainer's verdict on its loss, set before each backward pass
         self.finite: bool | None = None  # the last sync's verdict, the same on every rank
         self._after_backward = AfterBackward(self.params, self._sync)
@@ -158,31 +148,13 @@ class SharedStep:
     # -- phases 1 and 2: the average of this rank's chunk, and the verdict -----------------
     def _sync(self) -> None:
         started = time.perf_counter()
-        reducer, generation = self.reducer, self._generation + 1
-        world, sets = reducer.world_size, generation % 2
-        grads = [None if p.grad is None else p.grad.reshape(-1) for p in self.params]
-        for span, target in zip(self._to_peers, self._peer_terms[sets], strict=True):
-            self._term(grads[span.index], span, world, target)
-        reducer.publish(3 * generation - 2)
-        for span, target in zip(self._own, self._own_average, strict=True):  # only this rank reads it
-            self._term(grads[span.index], span, world, target)
-        reducer.wait_for_peers(3 * generation - 2)
-        for peer_term in self._from_peers[sets]:
-            self.average.add_(peer_term)
-        reducer.publish_chunk_sum(self.average, self.loss_finite)
+        # A parameter not used this pass contributes zero, as in DDP.
+        grads = [torch.zeros_like(p.data) if p.grad is None else p.grad.contiguous() for p in self.params]
+        world = self.reducer.world_size
+        self._generation = self.reducer.reduce_scatter(grads, self._plans, world, self.loss_finite)
         self.loss_finite = True  # until the trainer says otherwise before the next backward pass
-        reducer.publish(3 * generation - 1)
-        reducer.wait_for_peers(3 * generation - 1)
-        self.finite = reducer.chunk_sums_finite()
-        self._generation = generation
+        self.finite = self.reducer.chunk_sums_finite()
         self.timer.add_ms((time.perf_counter() - started) * 1e3)
-
-    @staticmethod
-    def _term(grad: torch.Tensor | None, span: shm.Span, world: int, target: torch.Tensor) -> None:
-        if grad is None:  # not used this pass: contributes zero, as in DDP
-            target.zero_()
-        else:
-            shm.divide_into(grad[span.begin : span.end], world, target)
 
     # -- phase 3: this rank's share of the optimiser step ------------------------------------
     @torch.no_grad()
@@ -219,13 +191,15 @@ class SharedStep:
         self.timer.add_ms((time.perf_counter() - started) * 1e3)
 
     def _group_of(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        if type(optimizer) is not torch.optim.SGD or len(optimizer.param_groups) != 1:
-            raise ValueError("the shared optimiser step runs torch.optim.SGD with one parameter group")
-        group = optimizer.param_groups[0]
-        if [id(p) for p in group["params"]] != [id(p) for p in self.params]:
-            raise ValueError("the optimiser's parameters are not the model's the shared step was made for")
-        self._optimizer = optimizer
-        return group
+        """The optimiser's one parameter group, once it is checked to be SGD's over these parameters
+        (the first time ``update`` sees this optimiser)."""
+        if optimizer is not self._optimizer:
+            if type(optimizer) is not torch.optim.SGD or len(optimizer.param_groups) != 1:
+                raise ValueError("the shared optimiser step runs torch.optim.SGD with one parameter group")
+            if [id(p) for p in optimizer.param_groups[0]["params"]] != [id(p) for p in self.params]:
+                raise ValueError("the optimiser's parameters are not the model's the shared step was made for")
+            self._optimizer = optimizer
+        return optimizer.param_groups[0]
 
     def _momentum_buffers(self, optimizer: torch.optim.Optimizer) -> list[torch.Tensor | None]:
         """This rank's chunk of the shared momentum, after the first step. A momentum the optimiser
@@ -255,9 +229,6 @@ class SharedStep:
                     if state.get("momentum_buffer") is shared:
                         state["momentum_buffer"] = shared.clone()
         del self.weights, self.momentum, self._own_weights, self._own_momentum
-        with contextlib.suppress(BufferError):  # a stray view keeps the mapping until it goes
-            self._map.close()
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        shm.release(self._map, self._fd)
+        self._fd = -1
         self.reducer.close()

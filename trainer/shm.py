@@ -29,7 +29,7 @@ The arithmetic is gloo's sum of pre-divided gradients:
   of a few float32 ulps of the summed magnitudes).
 
 Call ``g`` publishes flag value ``3g - 2`` for phase 1 and ``3g - 1`` for phase 2; ``3g`` is left for
-a third phase of ``trainer.shared_step``, which runs the same protocol on a reducer of its own.
+a third phase of ``trainer.shared_step``, which calls ``reduce_scatter`` on a reducer of its own.
 
 Two slot sets (``generation % 2``) let a rank start the next call while a peer still copies the
 previous result: a set is rewritten two calls later, after every rank has entered the call in
@@ -301,16 +301,23 @@ def open_reducer(group: dist.ProcessGroup, capacity: int, timeout_s: float) -> t
     size = header + 2 * (world_size + 1) * capacity * 4
     mapping, fd, error, identities = open_shared_mapping(group, size, rank)
     if mapping is None:
-        if fd >= 0:
-            os.close(fd)
+        release(None, fd)
         return None, error
     try:
         return ShmAllreduce(group, mapping, fd, identities, capacity, timeout_s), ""
     except Exception as exc:
-        mapping.close()
-        if fd >= 0:
-            os.close(fd)
+        release(mapping, fd)
         return None, describe(rank, "setting up the shared-memory all-reduce", exc)
+
+
+def release(mapping: mmap.mmap | None, fd: int) -> None:
+    """Unmap ``mapping`` (a stray view of it keeps it until the view goes) and close ``fd``: rank 0's
+    descriptor, which the peers opened it through (-1 elsewhere)."""
+    if mapping is not None:
+        with contextlib.suppress(BufferError):
+            mapping.close()
+    if fd >= 0:
+        os.close(fd)
 
 
 def open_agreed(group: dist.ProcessGroup, capacity: int, timeout_s: float) -> ShmAllreduce:
@@ -381,12 +388,12 @@ def plan_spans(
 
 
 @dataclass(frozen=True)
-class _Plan:
+class CallPlan:
     """One slot set's views for a list of tensors of given sizes, made once (slicing costs time per step)."""
 
     to_peers: list[tuple[int, slice, torch.Tensor]]  # (tensor, its elements, where in this rank's slot)
-    to_own: list[tuple[int, slice, torch.Tensor]]  # (tensor, its elements, where in the own chunk's result)
-    own_result: torch.Tensor  # the chunk this rank sums, in the shared result
+    to_own: list[tuple[int, slice, torch.Tensor]]  # (tensor, its elements, where in the own chunk's sum)
+    own_result: torch.Tensor  # the chunk this rank sums: in the shared result, or in memory of its own
     own_from_peers: list[torch.Tensor]  # the same chunk in each peer's slot, in rank order
     result: torch.Tensor  # the whole shared result, the inputs laid end to end
 
@@ -403,7 +410,8 @@ class ShmAllreduce:
     memory the caller owns. Made by ``open_reducer``.
 
     ``allreduce`` is the whole all-reduce; ``allreduce_through_leader`` lets the group's rank 0 act
-    on the summed result before the others copy it (the hierarchical sync across hosts).
+    on the summed result before the others copy it (the hierarchical sync across hosts);
+    ``reduce_scatter`` leaves each rank its chunk of the sum (the shared optimiser step).
     """
 
     def __init__(
@@ -438,7 +446,7 @@ class ShmAllreduce:
         )
         self._slots = data[: 2 * self.world_size * capacity].view(2, self.world_size, capacity)
         self._results = data[2 * self.world_size * capacity :].view(2, capacity)
-        self._plans: dict[tuple[int, ...], tuple[_Plan, _Plan]] = {}
+        self._plans: dict[tuple[int, ...], tuple[CallPlan, CallPlan]] = {}
 
     def allreduce_(self, tensor: torch.Tensor, divide_by: int = 1) -> torch.Tensor:
         """Replace ``tensor`` (contiguous float32, at most ``capacity`` elements) by the group's sum of
@@ -469,7 +477,8 @@ class ShmAllreduce:
         finite). ``local_finite`` False makes the verdict False on every rank (the divergence guard
         passes its loss's). Without ``check_finite``, returns True.
         """
-        generation, result = self._sum_chunks(tensors, divide_by, check_finite, local_finite)
+        plans = self._plan(tuple(t.numel() for t in tensors))
+        generation, result = self._sum_chunks(tensors, plans, divide_by, check_finite, local_finite)
         self.wait_for_peers(3 * generation - 1)
         finite = not check_finite or self.chunk_sums_finite()
         # Before this rank calls again (and so before any peer can rewrite this slot set).
@@ -492,7 +501,7 @@ class ShmAllreduce:
         Every rank reads the bits the leader left there and divides them alike, so all ranks hold
         the same result; the others add nothing a second time.
         """
-        generation, result = self._sum_chunks(tensors, 1)
+        generation, result = self._sum_chunks(tensors, self._plan(tuple(t.numel() for t in tensors)), 1)
         if self.rank == 0:
             self.wait_for_peers(3 * generation - 1)
             leader_step(result)
@@ -502,13 +511,31 @@ class ShmAllreduce:
         divide_into(result, divide_by, out)
         self._generation = generation
 
+    def reduce_scatter(
+        self, tensors: list[torch.Tensor], plans: tuple[CallPlan, CallPlan], divide_by: int, local_finite: bool = True
+    ) -> int:
+        """Phases 1 and 2 of the next call, with this rank's chunk of the sum of ``tensors / divide_by``
+        going into its own memory (``plan`` with ``own``), and the wait for every rank's phase 2; then
+        ``chunk_sums_finite`` is the verdict of ``allreduce``'s ``check_finite``. Returns the call's
+        number ``g``; flag value ``3g`` is the caller's (``trainer.shared_step``)."""
+        generation, _ = self._sum_chunks(tensors, plans, divide_by, True, local_finite)
+        self.wait_for_peers(3 * generation - 1)
+        self._generation = generation
+        return generation
+
     def _sum_chunks(
-        self, tensors: list[torch.Tensor], divide_by: int, check_finite: bool = False, local_finite: bool = True
+        self,
+        tensors: list[torch.Tensor],
+        plans: tuple[CallPlan, CallPlan],
+        divide_by: int,
+        check_finite: bool = False,
+        local_finite: bool = True,
     ) -> tuple[int, torch.Tensor]:
         """Phases 1 and 2 of the next call: this rank's chunk of the sum of ``tensors / divide_by`` is
-        in the shared result when this returns (the peers' chunks once they publish phase 2)."""
+        in ``plan``'s own chunk when this returns (the peers' in the shared result once they publish
+        phase 2)."""
         generation = self._generation + 1
-        plan = self._plan(tuple(t.numel() for t in tensors))[generation % 2]
+        plan = plans[generation % 2]
         for index, elements, target in plan.to_peers:
             divide_into(tensors[index].view(-1)[elements], divide_by, target)
         self.publish(3 * generation - 2)
@@ -523,37 +550,43 @@ class ShmAllreduce:
         self.publish(3 * generation - 1)
         return generation, plan.result
 
-    def _plan(self, sizes: tuple[int, ...]) -> tuple[_Plan, _Plan]:
+    def _plan(self, sizes: tuple[int, ...]) -> tuple[CallPlan, CallPlan]:
+        """``plan`` for tensors of ``sizes`` laid end to end, summed into the shared result; cached."""
         if sizes not in self._plans:
             total = sum(sizes)
-            if total > self.capacity:
-                raise ValueError(f"{total} elements exceed the shared-memory capacity of {self.capacity}")
             bounds = chunk_bounds(total, self.world_size)
-            spans = plan_spans(sizes, bounds)
-            lo, hi = bounds[self.rank]
-            plans = []
-            for slots, result in zip(self._slots, self._results, strict=True):
-                # This rank's own chunk goes straight into the result, the others into its slot.
-                to_peers = [
-                    (s.index, slice(s.begin, s.end), slots[self.rank][s.offset : s.offset + s.end - s.begin])
-                    for s in spans
-                    if s.owner != self.rank
-                ]
-                to_own = [
-                    (s.index, slice(s.begin, s.end), result[s.offset : s.offset + s.end - s.begin])
-                    for s in spans
-                    if s.owner == self.rank
-                ]
-                peers = [slots[peer][lo:hi] for peer in range(self.world_size) if peer != self.rank]
-                plans.append(_Plan(to_peers, to_own, result[lo:hi], peers, result[:total]))
-            self._plans[sizes] = (plans[0], plans[1])
+            self._plans[sizes] = self.plan(plan_spans(sizes, bounds), bounds[self.rank], total)
         return self._plans[sizes]
 
-    # -- the flag protocol, also used by ``trainer.shared_step`` ------------------------------
-    def slot(self, generation: int, rank: int) -> torch.Tensor:
-        """Rank ``rank``'s slot of the slot set that call ``generation`` uses (``capacity`` float32s)."""
-        return self._slots[generation % 2][rank]
+    def plan(
+        self, spans: list[Span], chunk: tuple[int, int], total: int, own: torch.Tensor | None = None
+    ) -> tuple[CallPlan, CallPlan]:
+        """Both slot sets' views for calls on tensors cut into ``spans`` (``plan_spans``) of a flat
+        vector of ``total`` elements, this rank summing elements ``chunk`` = [lo, hi): into the shared
+        result, or into ``own`` (this rank's memory, hi - lo elements; ``reduce_scatter``). Made once:
+        slicing costs time per step."""
+        if total > self.capacity:
+            raise ValueError(f"{total} elements exceed the shared-memory capacity of {self.capacity}")
+        lo, hi = chunk
+        plans = []
+        for slots, result in zip(self._slots, self._results, strict=True):
+            own_chunk = result[lo:hi] if own is None else own
+            # This rank's own terms go straight into its chunk of the sum, the others into its slot.
+            to_peers = [
+                (s.index, slice(s.begin, s.end), slots[self.rank][s.offset : s.offset + s.end - s.begin])
+                for s in spans
+                if s.owner != self.rank
+            ]
+            to_own = [
+                (s.index, slice(s.begin, s.end), own_chunk[s.offset - lo : s.offset - lo + s.end - s.begin])
+                for s in spans
+                if s.owner == self.rank
+            ]
+            peers = [slots[peer][lo:hi] for peer in range(self.world_size) if peer != self.rank]
+            plans.append(CallPlan(to_peers, to_own, own_chunk, peers, result[:total]))
+        return plans[0], plans[1]
 
+    # -- the flag protocol, also used by ``trainer.shared_step`` ------------------------------
     def publish(self, phase: int) -> None:
         """Tell the peers this rank has reached ``phase`` (after the stores it announces; module docstring)."""
         self._flags[self.rank * FLAG_STRIDE] = phase
@@ -606,8 +639,5 @@ class ShmAllreduce:
     def close(self) -> None:
         """Release the mapping (and, on rank 0, the descriptor the peers opened it through)."""
         del self._slots, self._results, self._flags, self._plans
-        with contextlib.suppress(BufferError):  # a stray view keeps the mapping until it goes
-            self._map.close()
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        release(self._map, self._fd)
+        self._fd = -1
