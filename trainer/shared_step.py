@@ -27,7 +27,8 @@ What code around it sees differently: a parameter's ``.grad`` holds this rank's 
 the average (no rank ever holds the whole average), so ``supported`` sends what needs the whole
 average on every rank (gradient clipping) and optimisers other than ``torch.optim.SGD`` to
 ``ShmGradientSync``. The flag protocol, its memory-order argument and the peer-death checks are
-``trainer.shm``'s; this module runs it on a reducer of its own, with three phases per step.
+``trainer.shm``'s: phases 1 and 2 are ``ShmAllreduce.reduce_scatter`` on a reducer of its own, and
+this module adds phase 3.
 """
 
 from __future__ import annotations
