@@ -15,7 +15,7 @@ from typing import Any
 
 from benchmarks.common import machine, machine_line, markdown_table, publish, results_dir, write_csv, write_json
 from benchmarks.scaling import run_once
-from trainer.config import COMM_OPTIONS
+from trainer.core.config import COMM_OPTIONS
 
 # Every option but auto, which only picks one of the others, and hierarchical, which is for ranks
 # on several hosts (benchmarks.hierarchical measures it there).

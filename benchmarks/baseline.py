@@ -30,17 +30,17 @@ from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 from torchvision import datasets, transforms
 
-from trainer.config import TrainConfig
-from trainer.data import FILES, MEAN, STD
-from trainer.model import build_model, build_optimizer
-from trainer.sampling import split_indices
+from trainer.core.config import TrainConfig
+from trainer.engine.sampling import split_indices
+from trainer.tasks.mnist_data import FILES, MEAN, STD
+from trainer.tasks.mnist_model import build_model, build_optimizer
 
 
 def prepare_data(data_dir: Path) -> None:
     """Uncompressed MNIST in torchvision's layout, from the package's own files (no download)."""
     raw = data_dir / "MNIST" / "raw"
     raw.mkdir(parents=True, exist_ok=True)
-    source = Path(str(resources.files("trainer") / "mnist"))
+    source = Path(str(resources.files("trainer.tasks") / "mnist"))
     for stem in FILES.values():
         target = raw / stem
         if not target.exists():

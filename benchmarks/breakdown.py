@@ -57,7 +57,7 @@ from benchmarks.common import (
     write_csv,
     write_json,
 )
-from trainer.jobs import torchrun_command
+from trainer.distributed.jobs import torchrun_command
 
 CUMULATIVE = ("bare step", "+ guard, accuracy", "+ gradient sync", "train_step", "train loop")
 ALONE = ("sync alone", "grads read", "gradient copy")
@@ -83,13 +83,13 @@ def worker(result_path: Path, steps: int, rounds: int) -> None:
     import torch.distributed as dist
     import torch.nn.functional as F
 
-    from trainer.config import TrainConfig
-    from trainer.data import load_mnist, prepare_splits
-    from trainer.distributed import configure_threads, read_dist_env
-    from trainer.guard import grads_finite
-    from trainer.loop import Trainer
-    from trainer.metrics import StepTimes
-    from trainer.model import build_model, build_optimizer
+    from trainer.core.config import TrainConfig
+    from trainer.distributed.env import configure_threads, read_dist_env
+    from trainer.engine.loop import Trainer
+    from trainer.lifecycle.guard import grads_finite
+    from trainer.tasks.mnist_data import load_mnist, prepare_splits
+    from trainer.tasks.mnist_model import build_model, build_optimizer
+    from trainer.watch.metrics import StepTimes
 
     env = read_dist_env()
     configure_threads(env)
@@ -155,7 +155,7 @@ def worker(result_path: Path, steps: int, rounds: int) -> None:
         "gradient copy": lambda rows: copy_target.copy_(flat),
     }
     if env.distributed:
-        sync = trainer.comm.shm_sync if trainer.comm is not None else None
+        sync = trainer.sync.comm.shm_sync if trainer.sync.comm is not None else None
         variants["+ gradient sync"] = lambda rows: plain(trainer.model, trainer.optimizer, rows, extras=True)
         # The option's own sync with nothing else running: shm's private call, else an all-reduce of
         # the gradients' size (the DDP options sync inside backward and cannot be called alone).

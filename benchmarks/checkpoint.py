@@ -5,7 +5,7 @@
 
 Saves what a resume needs of the arithmetic (model and optimiser state, with momentum
 buffers filled by a few real steps) the safe way: serialise, then write a temporary file,
-fsync, rename and fsync the directory (``trainer.fileio.atomic_write_bytes``); loads with
+fsync, rename and fsync the directory (``trainer.core.fileio.atomic_write_bytes``); loads with
 ``torch.load(weights_only=True)`` and restores both states. ``save`` and ``load`` below are
 the only two functions that know the format: point them at the package's checkpoint module
 to time that instead. The figures split serialisation from the durable write, since fsync
@@ -34,9 +34,9 @@ from benchmarks.common import (
     write_csv,
     write_json,
 )
-from trainer.config import TrainConfig
-from trainer.fileio import atomic_write_bytes
-from trainer.model import build_model, build_optimizer
+from trainer.core.config import TrainConfig
+from trainer.core.fileio import atomic_write_bytes
+from trainer.tasks.mnist_model import build_model, build_optimizer
 
 
 def save(path: Path, state: dict[str, Any]) -> tuple[float, int]:

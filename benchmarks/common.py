@@ -19,8 +19,8 @@ from typing import Any
 import psutil
 import torch
 
-from trainer.jobs import fresh_job_env
-from trainer.machine import cpu_model
+from trainer.distributed.jobs import fresh_job_env
+from trainer.watch.machine import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"

@@ -42,7 +42,7 @@ from benchmarks.common import (
     write_json,
 )
 from benchmarks.floor import run_floor
-from trainer.jobs import torchrun_command
+from trainer.distributed.jobs import torchrun_command
 
 PEER = "plain DDP, data in memory"
 FLOOR = "compute floor (bare step, no exchange)"

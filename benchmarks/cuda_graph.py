@@ -32,7 +32,7 @@ from benchmarks.common import (
     write_csv,
     write_json,
 )
-from trainer.jobs import fresh_job_env
+from trainer.distributed.jobs import fresh_job_env
 
 MODES = ("off", "on")
 

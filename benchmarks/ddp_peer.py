@@ -21,9 +21,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from trainer.config import TrainConfig
-from trainer.data import load_mnist, prepare_splits
-from trainer.model import build_model
+from trainer.core.config import TrainConfig
+from trainer.tasks.mnist_data import load_mnist, prepare_splits
+from trainer.tasks.mnist_model import build_model
 
 
 def main(argv: list[str] | None = None) -> None:

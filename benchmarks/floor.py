@@ -47,7 +47,7 @@ from benchmarks.common import (
     write_csv,
     write_json,
 )
-from trainer.jobs import torchrun_command
+from trainer.distributed.jobs import torchrun_command
 
 BATCH = 32
 TRAINER_WARMUP = 100  # the trainer's first window (--log-every's default), not timed
@@ -75,9 +75,9 @@ def bare_steps(steps: int, threads: int, seed: int, start_file: str | None) -> f
     import torch
     import torch.nn.functional as F
 
-    from trainer.config import TrainConfig
-    from trainer.data import load_mnist, prepare_splits
-    from trainer.model import build_model, build_optimizer
+    from trainer.core.config import TrainConfig
+    from trainer.tasks.mnist_data import load_mnist, prepare_splits
+    from trainer.tasks.mnist_model import build_model, build_optimizer
 
     torch.set_num_threads(threads)
     cfg = TrainConfig()

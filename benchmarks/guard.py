@@ -1,4 +1,4 @@
-"""What the non-finite guard (trainer/guard.py) costs per step, at world size 1.
+"""What the non-finite guard (trainer/lifecycle/guard.py) costs per step, at world size 1.
 
     python -m benchmarks.guard            # 1,500 steps of each kind, interleaved
     python -m benchmarks.guard --quick
@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import machine, machine_line, markdown_table, publish, results_dir, write_csv, write_json
-from trainer.config import TrainConfig
-from trainer.guard import grads_finite
-from trainer.model import INPUT_SIZE, NUM_CLASSES, build_model, build_optimizer
+from trainer.core.config import TrainConfig
+from trainer.lifecycle.guard import grads_finite
+from trainer.tasks.mnist_model import INPUT_SIZE, NUM_CLASSES, build_model, build_optimizer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

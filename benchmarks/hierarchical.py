@@ -23,7 +23,7 @@ short run and a long one. Reported per configuration, as the median over rounds 
 
 Part 2, the all-reduce alone: one job on both hosts times one all-reduce of the gradient's size
 (2,143,272 bytes) through flat gloo (``dist.all_reduce`` of the pre-divided tensor, as the
-``gloo`` option's hook does it, in one piece) and through ``trainer.hierarchy``, alternating
+``gloo`` option's hook does it, in one piece) and through ``trainer.sync.hierarchy``, alternating
 round by round, ``--calls`` calls each after warm-up: median and 95th percentile per rank. Here
 no rank computes, so the figures are the exchange itself, without waits for a slower peer.
 
@@ -59,7 +59,7 @@ from benchmarks.common import (
     write_csv,
     write_json,
 )
-from trainer.jobs import torchrun_command
+from trainer.distributed.jobs import torchrun_command
 
 OPTIONS = ("gloo", "hierarchical")
 HOSTS, NPROC = 2, 2
@@ -155,7 +155,7 @@ def allreduce_worker(out: Path, calls: int, rounds: int) -> None:
     import torch
     import torch.distributed as dist
 
-    from trainer import hierarchy
+    from trainer.sync import hierarchy
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")

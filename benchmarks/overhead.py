@@ -34,12 +34,12 @@ from benchmarks.common import (
     write_csv,
     write_json,
 )
-from trainer.config import TrainConfig
-from trainer.data import load_mnist, prepare_splits
-from trainer.distributed import DistEnv, configure_threads
-from trainer.loop import Trainer
-from trainer.metrics import StepTimes
-from trainer.sampling import EpochPlan, epoch_permutation
+from trainer.core.config import TrainConfig
+from trainer.distributed.env import DistEnv, configure_threads
+from trainer.engine.loop import Trainer
+from trainer.engine.sampling import EpochPlan, epoch_permutation
+from trainer.tasks.mnist_data import load_mnist, prepare_splits
+from trainer.watch.metrics import StepTimes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

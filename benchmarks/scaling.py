@@ -35,7 +35,7 @@ from benchmarks.common import (
     write_csv,
     write_json,
 )
-from trainer.jobs import torchrun_command
+from trainer.distributed.jobs import torchrun_command
 
 BATCH = 32
 EPOCH_SAMPLES = 48_000

@@ -7,7 +7,7 @@ Before (commit ``BEFORE``): ``ShmAllreduce.allreduce`` handed out views of the s
 each ``.grad`` pointed into memory the peers were reading. After: the result is copied into a flat
 buffer the rank owns. Both reducers run in the same processes on this MLP's gradient tensors,
 alternating round by round, so machine load hits both alike; rank 0's median and 95th percentile
-per call are reported. The earlier reducer is read from git (``git show BEFORE:trainer/shm.py``).
+per call are reported. The earlier reducer is read from git (``git show BEFORE:trainer/sync/shm.py``).
 
 This file is both the driver (no RANK in the environment) and the worker (under torchrun).
 """
@@ -33,8 +33,8 @@ BEFORE = "2b38be0"  # the last commit whose gradients were views of the shared r
 
 
 def earlier_shm(directory: Path) -> object:
-    """``trainer/shm.py`` as of ``BEFORE``, imported as a module of its own."""
-    source = subprocess.run(["git", "show", f"{BEFORE}:trainer/shm.py"], cwd=REPO, capture_output=True, check=True)
+    """``trainer/sync/shm.py`` as of ``BEFORE``, imported as a module of its own."""
+    source = subprocess.run(["git", "show", f"{BEFORE}:trainer/sync/shm.py"], cwd=REPO, capture_output=True, check=True)
     path = directory / "shm_before.py"
     path.write_bytes(source.stdout)
     spec = importlib.util.spec_from_file_location("shm_before", path)
@@ -46,9 +46,9 @@ def earlier_shm(directory: Path) -> object:
 
 
 def worker(out: Path, calls: int, rounds: int) -> None:
-    from trainer import shm
-    from trainer.config import TrainConfig
-    from trainer.model import build_model
+    from trainer.core.config import TrainConfig
+    from trainer.sync import shm
+    from trainer.tasks.mnist_model import build_model
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")

@@ -49,7 +49,7 @@ from benchmarks.common import (
     write_csv,
     write_json,
 )
-from trainer.jobs import torchrun_command
+from trainer.distributed.jobs import torchrun_command
 
 SIZES_BYTES = (4 * 2**10, 64 * 2**10, 512 * 2**10, 2_143_272, 8 * 2**20)  # 2,143,272 B = this MLP's gradients
 DDP_OPTIONS = ("gloo (one bucket)", "gloo", "shm", "bf16", "fp16", "powersgd", "localsgd")
@@ -99,7 +99,7 @@ def timed(body: Callable[[], object]) -> Callable[[], float]:
 
 
 def allreduce_methods(numel: int) -> dict[str, Callable[[], float]]:
-    from trainer import shm
+    from trainer.sync import shm
 
     world = dist.get_world_size()
     tensor = torch.randn(numel)
@@ -121,7 +121,7 @@ def allreduce_methods(numel: int) -> dict[str, Callable[[], float]]:
 def _shared_buffers(count: int, numel: int) -> list[torch.Tensor]:
     """``count`` float32 buffers of ``numel`` elements that both ranks map, set up as the trainer's
     are (the tensors keep the mapping alive)."""
-    from trainer import shm
+    from trainer.sync import shm
 
     mapping, fd, error, _ = shm.open_shared_mapping(dist.group.WORLD, count * numel * 4, dist.get_rank())
     failures = shm.agree(dist.group.WORLD, error)
@@ -173,9 +173,9 @@ def cross_core_methods(numel: int) -> dict[str, Callable[[], float]]:
 def ddp_methods() -> tuple[dict[str, Callable[[], float]], dict[str, list[float]]]:
     """One forward+backward per call under each option: each call returns the hook-measured sync ms,
     and appends the whole call's ms to the second dict."""
-    from trainer.comm import wrap_model
-    from trainer.config import TrainConfig
-    from trainer.model import build_model
+    from trainer.core.config import TrainConfig
+    from trainer.sync.comm import wrap_model
+    from trainer.tasks.mnist_model import build_model
 
     generator = torch.Generator().manual_seed(dist.get_rank())
     inputs, targets = torch.randn(32, 784, generator=generator), torch.randint(0, 10, (32,), generator=generator)

@@ -16,7 +16,7 @@ and wall time its own wait took to ``OUT/rank0.json``.
 ``hierarchical OUT``: known terms per rank (``known_terms``) through the hierarchical all-reduce,
 in three calls; each rank saves its results and the host layout to ``OUT/rank<r>.pt``. Run on
 several test hosts (tests/test_multinode.py), where the test recomputes the sums.
-``shared OUT``: ``wrap_model(share_step=True)`` (``trainer.shared_step``) over ``STEPS`` optimiser
+``shared OUT``: ``wrap_model(share_step=True)`` (``trainer.sync.shared_step``) over ``STEPS`` optimiser
 steps through ``Comm.step`` beside DDP over gloo with its own SGD, same batches; whether a write
 by rank 1 into a weight or a momentum reaches rank 0 (the one shared copy) before and after
 ``Comm.close``; the weights and momentum before and after closing; the sync's verdicts.
@@ -39,11 +39,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from trainer import hierarchy, shm
-from trainer.comm import Comm, wrap_model
-from trainer.config import COMM_OPTIONS, TrainConfig
-from trainer.model import build_model, build_optimizer
-from trainer.shared_step import SharedStep
+from trainer.core.config import COMM_OPTIONS, TrainConfig
+from trainer.sync import hierarchy, shm
+from trainer.sync.comm import Comm, wrap_model
+from trainer.sync.shared_step import SharedStep
+from trainer.tasks.mnist_model import build_model, build_optimizer
 
 WARMUP = 2  # exact steps before PowerSGD / local SGD change the arithmetic
 PASSES = WARMUP + 1

@@ -17,7 +17,7 @@ from typing import Any
 import psutil
 import pytest
 
-from trainer.jobs import fresh_job_env, torchrun_command
+from trainer.distributed.jobs import fresh_job_env, torchrun_command
 
 REPO = Path(__file__).resolve().parents[1]
 # Small, fast runs: short logs, few steps.

@@ -7,7 +7,7 @@ To the trainer (and to torchrun, gloo, Slurm) a host is what ``hostname``, the n
   into a bridge that lives in a "switch" namespace of its own (any number of hosts, and no
   interface or route is added to the machine's own namespace);
 - a host name ``node0``, ``node1``, ... (UTS namespace), so the trainer's shared-memory path
-  (``trainer.shm.host_key``) sees distinct hosts and gradients cross the link through gloo;
+  (``trainer.sync.shm.host_key``) sees distinct hosts and gradients cross the link through gloo;
 - a private mount namespace with its own empty ``/dev/shm`` (tmpfs) and an ``/etc/hosts`` that
   names every test host, so host names resolve as on a cluster (torchrun finds by itself which
   node hosts the rendezvous).

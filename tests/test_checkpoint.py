@@ -17,17 +17,16 @@ import pytest
 import torch
 from conftest import assert_ok, clean_env, run_process, run_trainer
 
-from trainer.checkpoint import (
+from trainer.core.config import TrainConfig
+from trainer.core.rng import capture_rng, restore_rng
+from trainer.lifecycle.checkpoint import (
     CheckpointError,
-    capture_rng,
     compatibility,
     list_checkpoints,
     newest_valid,
     read_checkpoint,
-    restore_rng,
     save_checkpoint,
 )
-from trainer.config import TrainConfig
 
 SMALL = ("--hidden", "64", "--batch-size", "64", "--log-every", "10", "--checkpoint-every", "10", "--epochs", "1")
 

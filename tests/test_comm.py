@@ -33,10 +33,10 @@ import pytest
 import torch
 
 from tests.conftest import REPO, assert_ok, clean_env, free_port, run_process
-from trainer import hierarchy, shm
-from trainer.comm import choose_comm
-from trainer.config import COMM_OPTIONS
-from trainer.jobs import torchrun_command
+from trainer.core.config import COMM_OPTIONS
+from trainer.distributed.jobs import torchrun_command
+from trainer.sync import hierarchy, shm
+from trainer.sync.comm import choose_comm
 
 WORKER = "tests.comm_worker"  # a module, as torchrun_command starts it
 WARMUP = 2  # matches comm_worker.WARMUP: passes 0 and 1 are exact for every option, pass 2 is not
@@ -159,7 +159,7 @@ def test_shm_accumulates_like_gloo(shm_steps: list[dict]) -> None:
 
 @pytest.fixture(scope="module", params=[2, 3])
 def shared_steps(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    """Every rank's record of the ``shared`` mode (trainer/shared_step.py) at world size 2 and 3."""
+    """Every rank's record of the ``shared`` mode (trainer/sync/shared_step.py) at world size 2 and 3."""
     out = tmp_path_factory.mktemp(f"shared{request.param}")
     run_worker("shared", out, request.param)
     return [torch.load(out / f"rank{r}.pt") for r in range(request.param)]

@@ -29,7 +29,7 @@ from faults import latest_step, metrics_rows
 from test_comm import run_worker
 from test_inputs import assert_one_line_error
 
-from trainer.guard import DIVERGED_EXIT_CODE
+from trainer.lifecycle.guard import DIVERGED_EXIT_CODE
 
 GPUS = torch.cuda.device_count()
 pytestmark = pytest.mark.skipif(GPUS == 0, reason="no CUDA GPU visible")

@@ -12,9 +12,9 @@ import psutil
 from conftest import Launched, clean_env, free_port, read_summary, wait_until
 from faults import first_steps, latest_step, trained_positions
 
-from trainer.jobs import torchrun_command
-from trainer.sampling import epoch_permutation
-from trainer.signals import REPEAT_WINDOW_S
+from trainer.distributed.jobs import torchrun_command
+from trainer.engine.sampling import epoch_permutation
+from trainer.lifecycle.signals import REPEAT_WINDOW_S
 
 TRAIN_SPLIT = 48_000
 

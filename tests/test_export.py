@@ -14,15 +14,15 @@ from typing import Any
 import pytest
 from conftest import REPO, assert_ok, clean_env, read_summary, run_process, run_trainer
 
-from trainer.checkpoint import BEST, LATEST, remove_all, save_checkpoint, set_aside_newer
-from trainer.config import build_parser
+from trainer.core.config import build_parser
+from trainer.lifecycle.checkpoint import BEST, LATEST, remove_all, save_checkpoint, set_aside_newer
 
 # 6,000 training images (--val-fraction 0.9) in batches of 500: 12 steps an epoch, 36 in all, a
 # checkpoint every 5 steps and at each epoch end, only the newest one kept besides the best.
 RUN = ("--hidden", "64", "--batch-size", "500", "--val-fraction", "0.9", "--epochs", "3")
 RUN += ("--checkpoint-every", "5", "--keep-checkpoints", "1", "--log-every", "5")
 DOC = REPO / "docs" / "using-the-model.md"
-MNIST = REPO / "trainer" / "mnist"
+MNIST = REPO / "trainer" / "tasks" / "mnist"
 
 
 def payload(step: int) -> dict[str, Any]:

@@ -71,7 +71,7 @@ def make_data_dir(root: Path, compress: bool) -> Path:
     """A torchvision-layout MNIST copy made from the package's own files."""
     raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True)
-    for source in (REPO / "trainer" / "mnist").glob("*.gz"):
+    for source in (REPO / "trainer" / "tasks" / "mnist").glob("*.gz"):
         if compress:
             shutil.copy(source, raw / source.name)
         else:

@@ -25,8 +25,8 @@ from conftest import (
 )
 from faults import has_trained, metrics_rows, workers
 
-from trainer.guard import DIVERGED_EXIT_CODE
-from trainer.jobs import torchrun_command
+from trainer.distributed.jobs import torchrun_command
+from trainer.lifecycle.guard import DIVERGED_EXIT_CODE
 
 # 1,024 samples a step at any world size: 46 steps an epoch. Windows end every 10 steps and
 # checkpoints every 20, so --max-steps 27 cuts an epoch between both.

@@ -23,7 +23,7 @@ from hosts import Host, HostsUnavailable, make_hosts
 from launching import LAUNCH, STEPS, launch_env, read_sha
 from safetensors.torch import load_file
 
-from trainer.jobs import torchrun_command
+from trainer.distributed.jobs import torchrun_command
 
 UNROUTED = "10.78.0.1"  # outside the hosts' only route: no packet leaves for it
 RDZV_PORT = 29400  # each host has ports of its own: no collision with the machine's

@@ -25,15 +25,15 @@ from conftest import (
 from faults import first_steps, latest_step, metrics_rows, trained_positions, workers
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
 
-from trainer.checkpoint import read_checkpoint, step_of
-from trainer.config import TrainConfig
-from trainer.data import load_mnist, prepare_splits
-from trainer.distributed import DistEnv
-from trainer.jobs import torchrun_command
-from trainer.model import build_model, build_optimizer
-from trainer.powersgd_state import PowerSGDMemory
-from trainer.rundir import prepare_run_dir, starts_fresh
-from trainer.sampling import epoch_permutation
+from trainer.core.config import TrainConfig
+from trainer.distributed.env import DistEnv
+from trainer.distributed.jobs import torchrun_command
+from trainer.engine.sampling import epoch_permutation
+from trainer.lifecycle.checkpoint import read_checkpoint, step_of
+from trainer.lifecycle.rundir import prepare_run_dir, starts_fresh
+from trainer.sync.powersgd_state import PowerSGDMemory
+from trainer.tasks.mnist_data import load_mnist, prepare_splits
+from trainer.tasks.mnist_model import build_model, build_optimizer
 
 # 2 ranks x 250 = 500 samples a step: 96 steps an epoch, 192 in all; checkpoints every 15 steps
 # and at step 96, so a kill lands mid-epoch with steps to redo. A narrower model keeps it quick.

@@ -18,17 +18,17 @@ import torch
 from tests.conftest import Launched, assert_ok, clean_env, read_summary, run_torchrun, wait_until
 from tests.faults import has_trained, workers
 from tests.test_comm import shm_entries
-from trainer import shm
-from trainer.config import TrainConfig
-from trainer.errors import UsageError
-from trainer.jobs import torchrun_command
+from trainer.core.config import TrainConfig
+from trainer.core.errors import UsageError
+from trainer.distributed.jobs import torchrun_command
+from trainer.sync import shm
 
 STEPS = 30
 # Small runs; --clip-grad-norm 0.1 is below this MLP's gradient norm, so every step clips.
 ARGS = ("--epochs", "1", "--hidden", "64", "--log-every", "10", "--log-all-ranks")
 CLIP = ("--max-steps", str(STEPS), "--clip-grad-norm", "0.1", "--checkpoint-every", str(STEPS))
 WORLD3_MAX_ABS_DIFF = 1e-6
-# One set-up stage made to fail on one rank, per world size (trainer/shm.py, fail_for_tests).
+# One set-up stage made to fail on one rank, per world size (trainer/sync/shm.py, fail_for_tests).
 FAILURES = {2: "1:map", 3: "2:sync"}
 
 

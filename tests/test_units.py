@@ -8,12 +8,12 @@ import json
 import pytest
 import torch
 
-from trainer.config import TrainConfig, build_parser, parse_config
-from trainer.data import load_mnist
-from trainer.distributed import DistEnv, read_dist_env
-from trainer.errors import UsageError
-from trainer.model import build_model, count_parameters, params_sha256
-from trainer.sampling import EpochPlan, epoch_permutation, split_indices
+from trainer.core.config import TrainConfig, build_parser, parse_config
+from trainer.core.errors import UsageError
+from trainer.distributed.env import DistEnv, read_dist_env
+from trainer.engine.sampling import EpochPlan, epoch_permutation, split_indices
+from trainer.tasks.mnist_data import load_mnist
+from trainer.tasks.mnist_model import build_model, count_parameters, params_sha256
 
 
 def test_defaults_match_the_documented_ones() -> None:

@@ -21,9 +21,9 @@ from faults import latest_step, records, workers
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from trainer.distributed import DistEnv
-from trainer.jobs import torchrun_command
-from trainer.tensorboard import TIMINGS, TensorBoardLog
+from trainer.distributed.env import DistEnv
+from trainer.distributed.jobs import torchrun_command
+from trainer.watch.tensorboard import TIMINGS, TensorBoardLog
 
 # 500 samples a step at any world size: 96 steps an epoch; a narrow model keeps it quick.
 ARGS = ("--hidden", "64", "--global-batch-size", "500", "--epochs", "2", "--log-every", "5")

@@ -11,27 +11,20 @@ from pathlib import Path
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from trainer.checkpoint import check_writable, choose_checkpoint, compatibility, set_aside_newer
-from trainer.collectives import agree_on_step, agree_to_start, any_rank, barrier
-from trainer.config import TrainConfig, parse_config
-from trainer.data import download_mnist, load_mnist, prepare_splits
-from trainer.distributed import (
-    DistEnv,
-    configure_threads,
-    destroy_process_group,
-    init_process_group,
-    read_dist_env,
-    resolve_backend,
-    resolve_device,
-)
-from trainer.errors import UsageError
-from trainer.fileio import write_json
-from trainer.guard import DIVERGED_EXIT_CODE, Diverged
-from trainer.logs import setup_logging
-from trainer.loop import Trainer
-from trainer.rundir import check_run_dir, finished_run, prepare_run_dir, starts_fresh
-from trainer.runlock import RunLock
-from trainer.signals import StopRequested
+from trainer.core.config import TrainConfig, parse_config
+from trainer.core.errors import UsageError
+from trainer.core.fileio import write_json
+from trainer.core.logs import setup_logging
+from trainer.distributed.collectives import agree_on_step, agree_to_start, any_rank, barrier
+from trainer.distributed.env import DistEnv, configure_threads, read_dist_env, resolve_backend, resolve_device
+from trainer.distributed.rendezvous import destroy_process_group, init_process_group
+from trainer.engine.loop import Trainer
+from trainer.lifecycle.checkpoint import check_writable, choose_checkpoint, compatibility, set_aside_newer
+from trainer.lifecycle.guard import DIVERGED_EXIT_CODE, Diverged
+from trainer.lifecycle.rundir import check_run_dir, finished_run, prepare_run_dir, starts_fresh
+from trainer.lifecycle.runlock import RunLock
+from trainer.lifecycle.signals import StopRequested
+from trainer.tasks.mnist_data import download_mnist, load_mnist, prepare_splits
 
 log = logging.getLogger("trainer")
 
@@ -130,9 +123,9 @@ def run_locked(cfg: TrainConfig, dist_env: DistEnv, device: torch.device) -> dic
 
 # Commands besides training (``trainer NAME ARGS``): each module's ``main(argv)`` runs it.
 COMMANDS: dict[str, str] = {
-    "evaluate": "trainer.evaluate",
-    "report": "trainer.report",
-    "platform": "trainer.machine",
+    "evaluate": "trainer.commands.evaluate",
+    "report": "trainer.watch.report",
+    "platform": "trainer.watch.machine",
 }
 
 

@@ -1,0 +1,1 @@
+"""Commands besides training: trainer evaluate (and the others the CLI dispatches to)."""

@@ -1,0 +1,232 @@
+"""The run's configuration: one frozen dataclass, built from the command line.
+
+Every field carries its own help text, so ``--help``, the logged config and the
+``config.json`` in the run directory all come from this one definition.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainer.core.errors import UsageError
+
+# Gradient sync options (trainer/sync/comm.py says what each does).
+COMM_OPTIONS = ("auto", "gloo", "shm", "hierarchical", "bf16", "fp16", "powersgd", "localsgd")
+
+
+def _opt(default: Any, help: str, choices: Sequence[str] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a run. Immutable once built."""
+
+    epochs: int = _opt(5, "Passes over the training split.")
+    batch_size: int = _opt(
+        32, "Samples per process per step; the global batch is this times the world size, so it follows the world size."
+    )
+    global_batch_size: int | None = _opt(
+        None,
+        "Samples per step over all processes; overrides --batch-size with global / world size, so optimisation is "
+        "the same at any world size (it must divide evenly).",
+    )
+    lr: float = _opt(0.01, "Learning rate.")
+    momentum: float = _opt(0.9, "SGD momentum (ignored by Adam).")
+    optimizer: str = _opt("sgd", "Optimiser.", choices=("sgd", "adam"))
+    hidden: tuple[int, ...] = _opt((512, 256), "Hidden layer widths, comma-separated (e.g. 512,256).")
+    seed: int = _opt(0, "Seed for the model's initial weights, the train/validation split and the per-epoch shuffles.")
+    val_fraction: float = _opt(0.2, "Fraction of the 60k training images held out for validation.")
+    max_steps: int | None = _opt(None, "Stop after this many optimiser steps in total (for tests and benchmarks).")
+    run_dir: str = _opt("runs/mnist-mlp", "Directory for everything the run writes.")
+    data_dir: str | None = _opt(
+        None, "Read MNIST from DIR/MNIST/raw (torchvision layout) instead of the copy shipped with the package."
+    )
+    download: bool = _opt(False, "Download MNIST into --data-dir with torchvision first (needs internet).")
+    backend: str = _opt(
+        "auto", "Process-group backend; auto picks nccl on CUDA, gloo on CPU.", ("auto", "gloo", "nccl")
+    )
+    comm: str = _opt(
+        "auto",
+        "Gradient sync: auto = shm where all ranks share a host, hierarchical (shared memory within each host, "
+        "gloo between hosts) where they span hosts with 2+ on each, else gloo (all exact); bf16/fp16/powersgd/"
+        "localsgd send less but change the arithmetic (see trainer/sync/comm.py).",
+        COMM_OPTIONS,
+    )
+    comm_warmup_steps: int | None = _opt(
+        None,
+        "Exact (all-reduced) steps before powersgd starts compressing or localsgd starts averaging "
+        "periodically; unset means 100 (trainer/sync/comm.py). At least 2: PowerSGD needs two exact steps first.",
+    )
+    device: str = _opt("auto", "Device; auto picks CUDA when available.", ("auto", "cpu", "cuda"))
+    cuda_graph: str = _opt(
+        "auto",
+        "Capture the training step in a CUDA graph after 3 eager steps (trainer/engine/cuda_graph.py): auto = where it "
+        "can (one process on CUDA), on = require it, off = eager steps.",
+        ("auto", "on", "off"),
+    )
+    shared_step: str = _opt(
+        "auto",
+        "Under shm, whether the host's ranks share one copy of the weights and each steps its chunk of them "
+        "(trainer/sync/shared_step.py): auto = where the recipe allows (sgd, no --clip-grad-norm), off = every rank "
+        "steps all the weights on its own copy (its .grad then holds the average).",
+        ("auto", "off"),
+    )
+    clip_grad_norm: float | None = _opt(
+        None, "Clip the gradients' global L2 norm to this value after the sync, before each optimiser step."
+    )
+    timeout: float = _opt(120.0, "Seconds a collective may wait for a peer before the run fails instead of hanging.")
+    log_every: int = _opt(
+        100, "Log progress, record a per-rank step sample and act on a stop signal (SIGTERM/SIGINT) every N steps."
+    )
+    log_all_ranks: bool = _opt(False, "Log INFO from every rank, not only rank 0.")
+    overwrite: bool = _opt(
+        False,
+        "Replace whatever an earlier run left in --run-dir and --checkpoint-dir (once per launch: workers that "
+        "torchrun restarts resume instead).",
+    )
+    checkpoint_dir: str | None = _opt(
+        None, "Directory for checkpoints, on storage every node can read; unset means RUN_DIR/checkpoints."
+    )
+    checkpoint_every: int = _opt(200, "Write a checkpoint every N optimiser steps, and at each epoch end.")
+    keep_checkpoints: int = _opt(
+        3, "Keep the newest K checkpoints and the best (highest validation accuracy at an epoch end); delete others."
+    )
+    resume: str = _opt(
+        "auto",
+        "auto: continue from the newest valid checkpoint in --checkpoint-dir if there is one; never: refuse to "
+        "start over existing checkpoints; or the path of a checkpoint (.pt) to continue from.",
+    )
+    on_nonfinite: str = _opt(
+        "stop",
+        "When a loss or gradient is NaN or Inf on any rank: stop (exit 3, naming the step and the newest good "
+        "checkpoint) or skip that step's update and go on (counted in summary.json).",
+        ("stop", "skip"),
+    )
+    record_samples: bool = _opt(
+        False, "Debugging: each process writes the training-split positions of every batch it trains on."
+    )
+    tensorboard: bool = _opt(
+        False, "Write TensorBoard event files to RUN_DIR/tensorboard (needs the extra trainer[tensorboard])."
+    )
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.epochs >= 1, "--epochs must be at least 1"),
+            (self.batch_size >= 1, "--batch-size must be at least 1"),
+            (self.lr > 0, "--lr must be positive"),
+            (0 <= self.momentum < 1, "--momentum must be in [0, 1)"),
+            (all(h >= 1 for h in self.hidden), "--hidden widths must be positive integers, e.g. 512,256"),
+            (0 < self.val_fraction < 1, "--val-fraction must be between 0 and 1, e.g. 0.2"),
+            (self.max_steps is None or self.max_steps >= 1, "--max-steps must be at least 1"),
+            (self.timeout > 0, "--timeout must be positive"),
+            (self.comm_warmup_steps is None or self.comm_warmup_steps >= 2, "--comm-warmup-steps must be at least 2"),
+            (self.clip_grad_norm is None or self.clip_grad_norm > 0, "--clip-grad-norm must be positive, e.g. 1.0"),
+            (self.log_every >= 1, "--log-every must be at least 1"),
+            (self.global_batch_size is None or self.global_batch_size >= 1, "--global-batch-size must be at least 1"),
+            (self.checkpoint_every >= 1, "--checkpoint-every must be at least 1"),
+            (self.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1"),
+            (self.resume.strip() != "", "--resume needs auto, never or a checkpoint path"),
+            (not self.download or self.data_dir is not None, "--download needs --data-dir DIR to download into"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)
+
+    @property
+    def checkpoint_root(self) -> Path:
+        """Where checkpoints go: ``--checkpoint-dir``, else ``RUN_DIR/checkpoints``."""
+        return Path(self.checkpoint_dir) if self.checkpoint_dir else Path(self.run_dir) / "checkpoints"
+
+    def per_rank_batch(self, world_size: int) -> int:
+        """Samples each process takes per step at ``world_size``."""
+        if self.global_batch_size is None:
+            return self.batch_size
+        if self.global_batch_size % world_size:
+            low = self.global_batch_size // world_size * world_size
+            hint = f"e.g. {low} or {low + world_size}" if low else f"e.g. {world_size}"
+            raise UsageError(
+                f"--global-batch-size {self.global_batch_size} does not divide over {world_size} processes; "
+                f"pick a multiple of {world_size} ({hint}), or use --batch-size for a per-process batch"
+            )
+        return self.global_batch_size // world_size
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Inverse of ``to_dict``; unknown keys are an error so stale files are noticed."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise UsageError(f"unknown config fields {unknown}; the file was written by another version")
+        fixed = {k: tuple(v) if k == "hidden" else v for k, v in values.items()}
+        return cls(**fixed)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def parse_widths(text: str) -> tuple[int, ...]:
+    """``"512,256"`` -> ``(512, 256)``; an empty string means no hidden layer."""
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 512,256, got {text!r}") from None
+
+
+def _arg_type(annotation: Any) -> Any:
+    """The argparse ``type`` for a field's annotation (``int | None`` -> ``int``)."""
+    if annotation == tuple[int, ...]:
+        return parse_widths
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return inner[0]
+    return annotation
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trainer",
+        description="Train an MLP on MNIST, one process or many (torchrun or exported RANK/WORLD_SIZE).",
+        epilog="Other commands: trainer evaluate PATH (test accuracy of a run directory, checkpoint or exported "
+        "model; docs/using-the-model.md); trainer report RUN_DIR (report.html with plots); trainer platform "
+        "(the machine and software, with measured figures; docs/watching.md). Each takes --help.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+            continue
+        default = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+        parser.add_argument(
+            flag,
+            type=_arg_type(kind),
+            default=default,
+            choices=f.metadata["choices"],
+            help=f.metadata["help"],
+            metavar=f.name.upper() if f.metadata["choices"] is None else None,
+        )
+    return parser
+
+
+def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
+    """Command line -> config. Bad values exit through argparse or raise ``UsageError``."""
+    namespace = build_parser().parse_args(argv)
+    values = vars(namespace)
+    if isinstance(values["hidden"], str):
+        values["hidden"] = parse_widths(values["hidden"])
+    return TrainConfig(**values)

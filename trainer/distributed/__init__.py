@@ -1,0 +1,3 @@
+"""The job's processes: the environment torchrun or a script sets, the process group, its rendezvous,
+small collectives, and starting torchrun jobs.
+"""

@@ -1,0 +1,3 @@
+"""Gradient synchronisation: the --comm options, the shared-memory all-reduce, the shared optimiser
+step, the hierarchical sync across hosts.
+"""
