@@ -31,9 +31,10 @@ from torch.utils.data.distributed import DistributedSampler
 from torchvision import datasets, transforms
 
 from trainer.core.config import TrainConfig
+from trainer.core.optim import build_optimizer
 from trainer.engine.sampling import split_indices
 from trainer.tasks.mnist_data import FILES, MEAN, STD
-from trainer.tasks.mnist_model import build_model, build_optimizer
+from trainer.tasks.mnist_mlp import default_model
 
 
 def prepare_data(data_dir: Path) -> None:
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     test = datasets.MNIST(args.data_dir, train=False, transform=transform)
     sampler = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
     loader = DataLoader(train, batch_size=cfg.batch_size, sampler=sampler)
-    model = build_model(cfg)
+    model = default_model(cfg.seed)
     ddp = DistributedDataParallel(model)
     optimizer = build_optimizer(cfg, model)
 

@@ -84,11 +84,11 @@ def worker(result_path: Path, steps: int, rounds: int) -> None:
     import torch.nn.functional as F
 
     from trainer.core.config import TrainConfig
+    from trainer.core.optim import build_optimizer
     from trainer.distributed.env import configure_threads, read_dist_env
     from trainer.engine.loop import Trainer
     from trainer.lifecycle.guard import grads_finite
-    from trainer.tasks.mnist_data import load_mnist, prepare_splits
-    from trainer.tasks.mnist_model import build_model, build_optimizer
+    from trainer.tasks.mnist_mlp import MnistMLP, default_data, default_model, splits_of
     from trainer.watch.metrics import StepTimes
 
     env = read_dist_env()
@@ -98,9 +98,9 @@ def worker(result_path: Path, steps: int, rounds: int) -> None:
     device = torch.device("cpu")
     scratch = Path(tempfile.mkdtemp(prefix="breakdown-"))
     cfg = TrainConfig(run_dir=str(scratch))
-    data = prepare_splits(load_mnist(None), cfg.val_fraction, cfg.seed, device)
-    trainer = Trainer(cfg, env, device, data)
-    bare_model = build_model(cfg)
+    data = default_data(cfg.seed, device)
+    trainer = Trainer(cfg, env, device, MnistMLP(), splits_of(data))
+    bare_model = default_model(cfg.seed)
     bare_optimizer = build_optimizer(cfg, bare_model)
     generator = torch.Generator().manual_seed(env.rank)
     batch = trainer.batch_size

@@ -36,7 +36,8 @@ from benchmarks.common import (
 )
 from trainer.core.config import TrainConfig
 from trainer.core.fileio import atomic_write_bytes
-from trainer.tasks.mnist_model import build_model, build_optimizer
+from trainer.core.optim import build_optimizer
+from trainer.tasks.mnist_mlp import default_model
 
 
 def save(path: Path, state: dict[str, Any]) -> tuple[float, int]:
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     write_json(out / "machine.json", info)
 
     cfg = TrainConfig()
-    model = build_model(cfg)
+    model = default_model(cfg.seed)
     optimizer = build_optimizer(cfg, model)
     for _ in range(3):  # fill the momentum buffers, as in a real checkpoint
         optimizer.zero_grad()

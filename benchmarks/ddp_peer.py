@@ -22,8 +22,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from trainer.core.config import TrainConfig
-from trainer.tasks.mnist_data import load_mnist, prepare_splits
-from trainer.tasks.mnist_model import build_model
+from trainer.tasks.mnist_mlp import default_data, default_model
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,8 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
     cfg = TrainConfig()
-    data = prepare_splits(load_mnist(None), cfg.val_fraction, cfg.seed, torch.device("cpu"))
-    model = DistributedDataParallel(build_model(cfg))
+    data = default_data(cfg.seed, torch.device("cpu"))
+    model = DistributedDataParallel(default_model(cfg.seed))
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
     order = torch.randperm(len(data.train_x), generator=torch.Generator().manual_seed(cfg.seed))
     steps = len(order) // (cfg.batch_size * world)

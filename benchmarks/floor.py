@@ -76,13 +76,13 @@ def bare_steps(steps: int, threads: int, seed: int, start_file: str | None) -> f
     import torch.nn.functional as F
 
     from trainer.core.config import TrainConfig
-    from trainer.tasks.mnist_data import load_mnist, prepare_splits
-    from trainer.tasks.mnist_model import build_model, build_optimizer
+    from trainer.core.optim import build_optimizer
+    from trainer.tasks.mnist_mlp import default_data, default_model
 
     torch.set_num_threads(threads)
     cfg = TrainConfig()
-    data = prepare_splits(load_mnist(None), cfg.val_fraction, cfg.seed, torch.device("cpu"))
-    model = build_model(cfg)
+    data = default_data(cfg.seed, torch.device("cpu"))
+    model = default_model(cfg.seed)
     optimizer = build_optimizer(cfg, model)
     generator = torch.Generator().manual_seed(seed)
     warmup = 50

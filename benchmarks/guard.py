@@ -21,8 +21,9 @@ import torch.nn.functional as F
 
 from benchmarks.common import machine, machine_line, markdown_table, publish, results_dir, write_csv, write_json
 from trainer.core.config import TrainConfig
+from trainer.core.optim import build_optimizer
 from trainer.lifecycle.guard import grads_finite
-from trainer.tasks.mnist_model import INPUT_SIZE, NUM_CLASSES, build_model, build_optimizer
+from trainer.tasks.mnist_mlp import INPUT_SIZE, NUM_CLASSES, default_model
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     info = machine()
     write_json(out / "machine.json", info)
     cfg = TrainConfig()
-    model = build_model(cfg)
+    model = default_model(cfg.seed)
     optimizer = build_optimizer(cfg, model)
     inputs = torch.randn(cfg.batch_size, INPUT_SIZE)
     targets = torch.randint(0, NUM_CLASSES, (cfg.batch_size,))

@@ -38,7 +38,7 @@ from trainer.core.config import TrainConfig
 from trainer.distributed.env import DistEnv, configure_threads
 from trainer.engine.loop import Trainer
 from trainer.engine.sampling import EpochPlan, epoch_permutation
-from trainer.tasks.mnist_data import load_mnist, prepare_splits
+from trainer.tasks.mnist_mlp import MnistMLP, default_data, splits_of
 from trainer.watch.metrics import StepTimes
 
 
@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = TrainConfig(run_dir=run_dir, log_every=100)
         cpu = torch.device("cpu")
-        data = prepare_splits(load_mnist(None), cfg.val_fraction, cfg.seed, cpu)
-        trainer = Trainer(cfg, DistEnv(), cpu, data)
+        data = default_data(cfg.seed, cpu)
+        trainer = Trainer(cfg, DistEnv(), cpu, MnistMLP(), splits_of(data))
         plan = EpochPlan(epoch_permutation(len(data.train_x), cfg.seed, 0), 0, cfg.batch_size, 1, 0)
         positions = list(plan.batches())[: args.steps]
         steps = len(positions)

@@ -46,14 +46,13 @@ def earlier_shm(directory: Path) -> object:
 
 
 def worker(out: Path, calls: int, rounds: int) -> None:
-    from trainer.core.config import TrainConfig
     from trainer.sync import shm
-    from trainer.tasks.mnist_model import build_model
+    from trainer.tasks.mnist_mlp import default_model
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    grads = [torch.randn_like(p) for p in build_model(TrainConfig()).parameters()]
+    grads = [torch.randn_like(p) for p in default_model().parameters()]
     numel = sum(g.numel() for g in grads)
     flat = torch.empty(numel)
     with tempfile.TemporaryDirectory() as tmp:

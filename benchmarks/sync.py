@@ -173,16 +173,15 @@ def cross_core_methods(numel: int) -> dict[str, Callable[[], float]]:
 def ddp_methods() -> tuple[dict[str, Callable[[], float]], dict[str, list[float]]]:
     """One forward+backward per call under each option: each call returns the hook-measured sync ms,
     and appends the whole call's ms to the second dict."""
-    from trainer.core.config import TrainConfig
     from trainer.sync.comm import wrap_model
-    from trainer.tasks.mnist_model import build_model
+    from trainer.tasks.mnist_mlp import default_model
 
     generator = torch.Generator().manual_seed(dist.get_rank())
     inputs, targets = torch.randn(32, 784, generator=generator), torch.randint(0, 10, (32,), generator=generator)
     methods: dict[str, Callable[[], float]] = {}
     step_ms: dict[str, list[float]] = {}
     for option in DDP_OPTIONS:
-        model = build_model(TrainConfig())
+        model = default_model()
         if option == "gloo (one bucket)":
             one_bucket_mb = sum(p.numel() for p in model.parameters()) * 4 / 2**20 + 1
             ddp, comm = wrap_model(model, torch.device("cpu"), True, "gloo", timeout_s=60, bucket_cap_mb=one_bucket_mb)

@@ -40,10 +40,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from trainer.core.config import COMM_OPTIONS, TrainConfig
+from trainer.core.optim import build_optimizer
 from trainer.sync import hierarchy, shm
 from trainer.sync.comm import Comm, wrap_model
 from trainer.sync.shared_step import SharedStep
-from trainer.tasks.mnist_model import build_model, build_optimizer
+from trainer.tasks.mnist_mlp import default_model
 
 WARMUP = 2  # exact steps before PowerSGD / local SGD change the arithmetic
 PASSES = WARMUP + 1
@@ -77,14 +78,14 @@ def grads(out: Path) -> None:
     rank = dist.get_rank()
     cfg = TrainConfig()
     cpu = torch.device("cpu")
-    local_model = build_model(cfg)
+    local_model = default_model(cfg.seed)
     results: dict[str, object] = {"local": grads_after(local_model, local_model, rank)}
-    reference = build_model(cfg)
+    reference = default_model(cfg.seed)
     results["reference"] = grads_after(reference, DistributedDataParallel(reference), rank)
     for option in COMM_OPTIONS:
         if option in SHARED_MEMORY_OPTIONS:
             continue  # the ``steps`` mode, on changing weights
-        model = build_model(cfg)
+        model = default_model(cfg.seed)
         ddp, comm = wrap_model(model, cpu, True, option, timeout_s=60, warmup_steps=WARMUP)
         assert comm is not None
         results[option] = grads_after(model, ddp, rank)
@@ -119,11 +120,11 @@ def steps(out: Path) -> None:
     torch.set_num_threads(2)  # intra-op worker threads write the shared memory too
     rank = dist.get_rank()
     cfg, cpu = TrainConfig(), torch.device("cpu")
-    reference, local = build_model(cfg), build_model(cfg)
+    reference, local = default_model(cfg.seed), default_model(cfg.seed)
     reference_ddp = DistributedDataParallel(reference)
     results: dict[str, object] = {}
     for option in SHARED_MEMORY_OPTIONS:
-        model = build_model(cfg)
+        model = default_model(cfg.seed)
         forward, comm = wrap_model(model, cpu, True, option, timeout_s=60)
         assert comm is not None
         results[f"{option}:resolved"] = comm.option
@@ -296,7 +297,7 @@ def probes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str
 
 def shared(out: Path) -> None:
     rank, cfg, cpu = dist.get_rank(), TrainConfig(), torch.device("cpu")
-    model, reference = build_model(cfg), build_model(cfg)
+    model, reference = default_model(cfg.seed), default_model(cfg.seed)
     forward, comm = wrap_model(model, cpu, True, "auto", timeout_s=60, share_step=True)
     assert comm is not None and isinstance(comm.shm_sync, SharedStep)
     reference_ddp = DistributedDataParallel(reference)
@@ -328,11 +329,11 @@ def cuda(out: Path) -> None:
     rank = dist.get_rank()
     device = torch.device("cuda", rank)
     inputs, targets = (t.to(device) for t in batch(rank))
-    local = build_model(TrainConfig()).to(device)
+    local = default_model().to(device)
     F.cross_entropy(local(inputs), targets).backward()
     results: dict[str, object] = {"local": [p.grad.cpu() for p in local.parameters()]}
     for option in ("auto", "gloo", "bf16", "fp16", "powersgd", "localsgd"):
-        model = build_model(TrainConfig()).to(device)
+        model = default_model().to(device)
         ddp, comm = wrap_model(model, device, True, option, timeout_s=60)
         assert comm is not None
         F.cross_entropy(ddp(inputs), targets).backward()

@@ -124,11 +124,12 @@ def test_a_pickle_that_runs_code_is_refused_and_never_run(tmp_path: Path) -> Non
 
 
 def test_compatibility_names_each_field_that_forbids_resuming() -> None:
-    saved = TrainConfig().to_dict()
-    refused, changed = compatibility(saved, TrainConfig(hidden=(32,), optimizer="adam", lr=0.5))
+    saved = TrainConfig(task_options={"hidden": [512, 256], "data_dir": None}).to_dict()
+    now = TrainConfig(task_options={"hidden": [32], "data_dir": "/elsewhere"}, optimizer="adam", lr=0.5)
+    refused, changed = compatibility(saved, now, task_must_match=("hidden",))
     assert [line.split(":")[0] for line in refused] == ["hidden", "optimizer"]
     assert refused[0] == "hidden: [512, 256] in the checkpoint, [32] now"
-    assert [line.split(":")[0] for line in changed] == ["lr"]
+    assert [line.split(":")[0] for line in changed] == ["data_dir", "lr"]
 
 
 # -- the trainer, as a real process -----------------------------------------------------

@@ -29,6 +29,11 @@ def payload(step: int) -> dict[str, Any]:
     return {"format": 1, "train_state": {"epoch": 0, "consumed": step, "global_step": step}, "world_size": 1}
 
 
+def accuracy(value: float | None) -> dict[str, Any] | None:
+    """An epoch-end checkpoint's score, as the MNIST task gives it (None: a mid-epoch checkpoint)."""
+    return None if value is None else {"name": "val_accuracy", "value": value, "mode": "max"}
+
+
 def read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
@@ -41,7 +46,7 @@ def step_files(directory: Path) -> list[str]:
 def test_pruning_keeps_the_best_and_the_pointers_name_newest_and_best(tmp_path: Path) -> None:
     # (step, validation accuracy at an epoch end, or None mid-epoch): the best is step 20.
     for step, val in [(10, 0.80), (15, None), (20, 0.90), (25, None), (30, 0.85), (35, None), (40, 0.90)]:
-        save_checkpoint(tmp_path, step, payload(step), keep=1, val_accuracy=val)
+        save_checkpoint(tmp_path, step, payload(step), keep=1, best=accuracy(val))
         assert read_json(tmp_path / LATEST)["file"] == f"step-{step:08d}.pt"
     # Step 40 ties step 20; the earlier one stays the best.
     assert step_files(tmp_path) == ["step-00000020.pt", "step-00000040.pt"]
@@ -52,7 +57,7 @@ def test_pruning_keeps_the_best_and_the_pointers_name_newest_and_best(tmp_path: 
 
 def test_pointers_follow_a_resume_that_sets_newer_checkpoints_aside_and_overwrite_clears_them(tmp_path: Path) -> None:
     for step, val in [(10, 0.80), (20, 0.90), (30, None)]:
-        save_checkpoint(tmp_path, step, payload(step), keep=3, val_accuracy=val)
+        save_checkpoint(tmp_path, step, payload(step), keep=3, best=accuracy(val))
     assert read_json(tmp_path / BEST)["step"] == 20
     # Resuming from step 10: the best (20) is from the abandoned timeline.
     assert set_aside_newer(tmp_path, 10) == [
@@ -62,7 +67,7 @@ def test_pointers_follow_a_resume_that_sets_newer_checkpoints_aside_and_overwrit
         "step-00000020.pt",
     ]
     assert (read_json(tmp_path / LATEST)["step"], read_json(tmp_path / BEST)["step"]) == (10, 10)
-    save_checkpoint(tmp_path, 15, payload(15), keep=1, val_accuracy=0.85)  # the resumed run goes on
+    save_checkpoint(tmp_path, 15, payload(15), keep=1, best=accuracy(0.85))  # the resumed run goes on
     assert step_files(tmp_path) == ["step-00000015.pt"] and read_json(tmp_path / BEST)["step"] == 15
     remove_all(tmp_path)
     assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in tmp_path.glob("*.stale"))

@@ -26,14 +26,14 @@ from faults import first_steps, latest_step, metrics_rows, trained_positions, wo
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
 
 from trainer.core.config import TrainConfig
+from trainer.core.optim import build_optimizer
 from trainer.distributed.env import DistEnv
 from trainer.distributed.jobs import torchrun_command
 from trainer.engine.sampling import epoch_permutation
 from trainer.lifecycle.checkpoint import read_checkpoint, step_of
 from trainer.lifecycle.rundir import prepare_run_dir, starts_fresh
 from trainer.sync.powersgd_state import PowerSGDMemory
-from trainer.tasks.mnist_data import load_mnist, prepare_splits
-from trainer.tasks.mnist_model import build_model, build_optimizer
+from trainer.tasks.mnist_mlp import default_data, default_model
 
 # 2 ranks x 250 = 500 samples a step: 96 steps an epoch, 192 in all; checkpoints every 15 steps
 # and at step 96, so a kill lands mid-epoch with steps to redo. A narrower model keeps it quick.
@@ -136,11 +136,11 @@ def replay_one_process(payload: dict[str, Any], steps: int, batch: int) -> dict[
     order, mean cross-entropy, backward, the optimiser's step; one intra-op thread.
     """
     cfg = TrainConfig.from_dict(payload["config"])
-    model, threads = build_model(cfg), torch.get_num_threads()
+    model, threads = default_model(cfg.seed), torch.get_num_threads()
     model.load_state_dict(payload["model"])
     optimizer = build_optimizer(cfg, model)
     optimizer.load_state_dict(payload["optimizer"])
-    data = prepare_splits(load_mnist(None), cfg.val_fraction, cfg.seed, torch.device("cpu"))
+    data = default_data(cfg.seed, torch.device("cpu"))
     position = payload["train_state"]["consumed"]
     order = epoch_permutation(len(data.train_x), cfg.seed, payload["train_state"]["epoch"])
     torch.set_num_threads(1)
@@ -264,7 +264,7 @@ def test_resume_is_exact_for_each_lossy_comm_option(tmp_path: Path, comm: str) -
 
 def test_powersgd_memories_follow_their_parameters_into_another_bucket_layout() -> None:
     """Memories saved in one bucket layout are laid out by parameter in another (DDP's first vs rebuilt order)."""
-    model = build_model(TrainConfig(hidden=(64,)))
+    model = default_model(hidden=(64,))
     state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=4, start_powerSGD_iter=2)
     saved = PowerSGDMemory(state, model)
     first, rebuilt = (0, 1, 2, 3), (3, 2, 1, 0)

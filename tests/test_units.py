@@ -8,18 +8,26 @@ import json
 import pytest
 import torch
 
-from trainer.core.config import TrainConfig, build_parser, parse_config
+from trainer.cli import parse_run
+from trainer.core.config import TrainConfig, build_parser
 from trainer.core.errors import UsageError
+from trainer.core.weights import count_parameters, params_sha256
 from trainer.distributed.env import DistEnv, read_dist_env
 from trainer.engine.sampling import EpochPlan, epoch_permutation, split_indices
 from trainer.tasks.mnist_data import load_mnist
-from trainer.tasks.mnist_model import build_model, count_parameters, params_sha256
+from trainer.tasks.mnist_mlp import default_model
+
+
+def parse_config(argv: list[str]) -> TrainConfig:
+    return parse_run(argv)[0]
 
 
 def test_defaults_match_the_documented_ones() -> None:
-    cfg = parse_config([])
+    cfg, task = parse_run([])
     assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.optimizer) == (5, 32, 0.01, 0.9, "sgd")
-    assert (cfg.hidden, cfg.seed, cfg.val_fraction, cfg.max_steps) == ((512, 256), 0, 0.2, None)
+    assert (cfg.task, task.name, cfg.seed, cfg.max_steps) == ("mnist-mlp", "mnist-mlp", 0, None)
+    assert (task.options.hidden, task.options.val_fraction) == ((512, 256), 0.2)
+    assert cfg.task_options == {"hidden": [512, 256], "val_fraction": 0.2, "data_dir": None, "download": False}
 
 
 def test_config_is_frozen_and_round_trips_through_json() -> None:
@@ -32,13 +40,24 @@ def test_config_is_frozen_and_round_trips_through_json() -> None:
 def test_every_field_has_a_documented_flag() -> None:
     help_text = build_parser().format_help()
     for field in dataclasses.fields(TrainConfig):
+        if field.name == "task_options":  # the task's own flags, below
+            continue
         assert "--" + field.name.replace("_", "-") in help_text
         assert field.metadata["help"]
 
 
+def test_the_task_options_show_in_help_under_the_task() -> None:
+    from trainer.tasks.mnist_mlp import MnistMLP, MnistOptions
+
+    help_text = build_parser(MnistOptions, MnistMLP.name).format_help()
+    assert "options of the task mnist-mlp" in help_text
+    for field in dataclasses.fields(MnistOptions):
+        assert "--" + field.name.replace("_", "-") in help_text
+
+
 def test_hidden_widths_parse_and_reject_garbage() -> None:
-    assert parse_config(["--hidden", "128"]).hidden == (128,)
-    assert parse_config(["--hidden", ""]).hidden == ()
+    assert parse_run(["--hidden", "128"])[1].options.hidden == (128,)
+    assert parse_run(["--hidden", ""])[1].options.hidden == ()
     with pytest.raises(SystemExit):
         parse_config(["--hidden", "12,x"])
     with pytest.raises(UsageError, match="--hidden"):
@@ -115,7 +134,7 @@ def test_bundled_mnist_loads_with_expected_shapes() -> None:
 
 def test_default_model_size_and_fingerprint() -> None:
     cfg = parse_config([])
-    model = build_model(cfg)
+    model = default_model(cfg.seed)
     assert count_parameters(model) == 535_818
-    assert params_sha256(model) == params_sha256(build_model(cfg))
-    assert params_sha256(model) != params_sha256(build_model(parse_config(["--seed", "1"])))
+    assert params_sha256(model) == params_sha256(default_model(cfg.seed))
+    assert params_sha256(model) != params_sha256(default_model(parse_config(["--seed", "1"]).seed))

@@ -1,15 +1,18 @@
-"""``trainer evaluate PATH``: test (and validation) loss and accuracy of a trained model, as one JSON line.
+"""``trainer evaluate PATH``: test (and validation) loss and metrics of a trained model, as one JSON line.
 
 PATH is a run directory (its exported final model, or, for a run that has not finished, its
 newest valid checkpoint), a checkpoint (``step-N.pt``) or an exported ``.safetensors`` with its
 ``model.json`` beside it. The evaluation is one process on the CPU with the code the run itself
-uses (trainer/engine/evaluation.py) on the splits rebuilt from the saved config (seed, val_fraction), so
-the final model's figures equal ``summary.json``'s for a run trained on the CPU.
+uses (trainer/engine/evaluation.py) on the splits its task rebuilds from the saved config (the task,
+its options, the seed), so the final model's figures equal ``summary.json``'s for a run trained on
+the CPU at world size 1. Task options that only say where things are (MNIST's ``--data-dir``) may be
+given again after PATH.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -18,13 +21,13 @@ from typing import Any
 
 import torch
 
-from trainer.core.config import TrainConfig
+from trainer.core.config import TrainConfig, add_fields
 from trainer.core.errors import UsageError
-from trainer.engine.evaluation import split_metrics
+from trainer.core.task import Task
+from trainer.engine.evaluation import split_figures
 from trainer.engine.export import CARD, FINAL, read_export
 from trainer.lifecycle.checkpoint import CheckpointError, newest_valid, read_checkpoint
-from trainer.tasks.mnist_data import load_mnist, prepare_splits
-from trainer.tasks.mnist_model import build_model
+from trainer.tasks.find import find_task
 
 FIX = "pass a run directory, a step-N.pt checkpoint or an exported .safetensors"
 
@@ -32,14 +35,10 @@ FIX = "pass a run directory, a step-N.pt checkpoint or an exported .safetensors"
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trainer evaluate",
-        description="Test (and validation) loss and accuracy of a trained model, printed as one JSON line.",
+        description="Test (and validation) loss and metrics of a trained model, printed as one JSON line. "
+        "Options of the model's task that say where its data is (MNIST's --data-dir) may follow PATH.",
     )
     parser.add_argument("path", type=Path, help="A run directory, a step-N.pt checkpoint or an exported .safetensors.")
-    parser.add_argument(
-        "--data-dir",
-        default=None,
-        help="Read MNIST from DIR/MNIST/raw (torchvision layout) instead of the copy shipped with the package.",
-    )
     return parser
 
 
@@ -85,48 +84,60 @@ def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str,
     raise UsageError(f"{path} is neither a checkpoint (.pt) nor an exported model (.safetensors); {FIX}")
 
 
-def model_from(
-    path: Path, state: dict[str, torch.Tensor], config: dict[str, Any]
-) -> tuple[torch.nn.Module, TrainConfig]:
-    """The model the weights belong to, with them loaded; mismatches are one-line errors, not torch's list."""
+def task_from(path: Path, config: dict[str, Any], extra: Sequence[str]) -> tuple[Task, TrainConfig]:
+    """The task the weights were trained with, its saved options updated by ``extra`` (those that may
+    differ from the run's: ``must_match=False``)."""
     try:
         cfg = TrainConfig.from_dict(config)
     except (UsageError, TypeError) as exc:
         raise UsageError(f"{path}: its config cannot be read ({exc})") from None
-    model = build_model(cfg)
+    task_class = find_task(cfg.task)
+    parser = argparse.ArgumentParser(prog=f"trainer evaluate PATH ({task_class.name} options)")
+    fields = [f for f in dataclasses.fields(task_class.Options) if not f.metadata.get("must_match", True)]
+    saved = task_class.Options(**cfg.task_options)
+    add_fields(parser, _only(task_class.Options, fields), saved)
+    given = vars(parser.parse_args(list(extra)))
+    task = task_class(dataclasses.replace(saved, **given))
+    task.seed = cfg.seed
+    return task, cfg
+
+
+def _only(options: type, fields: list[dataclasses.Field]) -> type:
+    """A dataclass with just ``fields`` of ``options`` (to build a parser of those)."""
+    return dataclasses.make_dataclass(options.__name__, [(f.name, f.type, f) for f in fields], frozen=True)
+
+
+def model_from(path: Path, state: dict[str, torch.Tensor], task: Task) -> torch.nn.Module:
+    """The model the weights belong to, with them loaded; mismatches are one-line errors, not torch's list."""
+    model = task.build_model()
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     found = {name: tuple(t.shape) for name, t in state.items()}
     if found != expected:
         raise UsageError(f"{path}: the weights {found} do not fit the model of its config {expected}")
     model.load_state_dict(state)
-    return model, cfg
+    return model
 
 
-def evaluate(path: Path, data_dir: str | None) -> dict[str, Any]:
+def evaluate(path: Path, extra: Sequence[str] = ()) -> dict[str, Any]:
     """Evaluate the model PATH stands for on its run's validation split and the test split."""
     source = resolve(path)
     state, config, about = load(source)
-    model, cfg = model_from(source, state, config)
-    splits = prepare_splits(load_mnist(data_dir), cfg.val_fraction, cfg.seed, torch.device("cpu"))
-    val_loss, val_accuracy = split_metrics(model, splits.val_x, splits.val_y)
-    test_loss, test_accuracy = split_metrics(model, splits.test_x, splits.test_y)
-    return {
-        "path": str(source),
-        **about,
-        "test_accuracy": test_accuracy,
-        "test_loss": test_loss,
-        "test_samples": len(splits.test_x),
-        "val_accuracy": val_accuracy,
-        "val_loss": val_loss,
-        "val_samples": len(splits.val_x),
-    }
+    task, _ = task_from(source, config, extra)
+    model = model_from(source, state, task)
+    splits = task.build_data(torch.device("cpu"))
+    result: dict[str, Any] = {"path": str(source), **about, "task": task.name}
+    for name in ("test", "val"):
+        split = getattr(splits, name)
+        if split is not None:
+            result.update(split_figures(task, model, split, name), **{f"{name}_samples": len(split)})
+    return dict(sorted(result.items()))
 
 
 def main(argv: Sequence[str]) -> None:
     """``trainer evaluate PATH [--data-dir DIR]``: one JSON line on stdout; bad input exits 2 with one line."""
-    args = build_parser().parse_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
     try:
-        result = evaluate(args.path, args.data_dir)
+        result = evaluate(args.path, extra)
     except UsageError as exc:
         print(f"trainer evaluate: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

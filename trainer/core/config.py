@@ -39,18 +39,21 @@ class TrainConfig:
         "Samples per step over all processes; overrides --batch-size with global / world size, so optimisation is "
         "the same at any world size (it must divide evenly).",
     )
-    lr: float = _opt(0.01, "Learning rate.")
-    momentum: float = _opt(0.9, "SGD momentum (ignored by Adam).")
-    optimizer: str = _opt("sgd", "Optimiser.", choices=("sgd", "adam"))
-    hidden: tuple[int, ...] = _opt((512, 256), "Hidden layer widths, comma-separated (e.g. 512,256).")
-    seed: int = _opt(0, "Seed for the model's initial weights, the train/validation split and the per-epoch shuffles.")
-    val_fraction: float = _opt(0.2, "Fraction of the 60k training images held out for validation.")
+    task: str = _opt(
+        "mnist-mlp",
+        "What to train: a built-in task (mnist-mlp), package.module:Name, or path/to/file.py:Name "
+        "(a trainer.Task subclass; docs/tasks.md). Its own options follow under its name in --help.",
+    )
+    lr: float = _opt(0.01, "Learning rate (with the task's default optimiser).")
+    momentum: float = _opt(0.9, "SGD momentum (ignored by Adam and AdamW).")
+    weight_decay: float = _opt(0.0, "Weight decay (decoupled under AdamW).")
+    beta2: float = _opt(0.999, "AdamW's second-moment decay (Adam keeps torch's 0.999).")
+    optimizer: str = _opt("sgd", "The task's default optimiser.", choices=("sgd", "adam", "adamw"))
+    seed: int = _opt(
+        0, "Seed for the model's initial weights, the task's data split, the per-epoch shuffles and each rank's RNGs."
+    )
     max_steps: int | None = _opt(None, "Stop after this many optimiser steps in total (for tests and benchmarks).")
     run_dir: str = _opt("runs/mnist-mlp", "Directory for everything the run writes.")
-    data_dir: str | None = _opt(
-        None, "Read MNIST from DIR/MNIST/raw (torchvision layout) instead of the copy shipped with the package."
-    )
-    download: bool = _opt(False, "Download MNIST into --data-dir with torchvision first (needs internet).")
     backend: str = _opt(
         "auto", "Process-group backend; auto picks nccl on CUDA, gloo on CPU.", ("auto", "gloo", "nccl")
     )
@@ -117,6 +120,9 @@ class TrainConfig:
     tensorboard: bool = _opt(
         False, "Write TensorBoard event files to RUN_DIR/tensorboard (needs the extra trainer[tensorboard])."
     )
+    # The task's own options (its ``Options`` dataclass as a dict): set by the command line under
+    # the task's name, recorded with the rest of the config. Not a flag itself.
+    task_options: dict[str, Any] = field(default_factory=dict, metadata={"help": None, "choices": None})
 
     def __post_init__(self) -> None:
         checks = [
@@ -124,8 +130,8 @@ class TrainConfig:
             (self.batch_size >= 1, "--batch-size must be at least 1"),
             (self.lr > 0, "--lr must be positive"),
             (0 <= self.momentum < 1, "--momentum must be in [0, 1)"),
-            (all(h >= 1 for h in self.hidden), "--hidden widths must be positive integers, e.g. 512,256"),
-            (0 < self.val_fraction < 1, "--val-fraction must be between 0 and 1, e.g. 0.2"),
+            (self.weight_decay >= 0, "--weight-decay must be zero or positive"),
+            (0 <= self.beta2 < 1, "--beta2 must be in [0, 1), e.g. 0.99"),
             (self.max_steps is None or self.max_steps >= 1, "--max-steps must be at least 1"),
             (self.timeout > 0, "--timeout must be positive"),
             (self.comm_warmup_steps is None or self.comm_warmup_steps >= 2, "--comm-warmup-steps must be at least 2"),
@@ -135,7 +141,6 @@ class TrainConfig:
             (self.checkpoint_every >= 1, "--checkpoint-every must be at least 1"),
             (self.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1"),
             (self.resume.strip() != "", "--resume needs auto, never or a checkpoint path"),
-            (not self.download or self.data_dir is not None, "--download needs --data-dir DIR to download into"),
         ]
         for ok, message in checks:
             if not ok:
@@ -161,7 +166,7 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready values (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        return plain(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -170,11 +175,15 @@ class TrainConfig:
         unknown = sorted(set(values) - names)
         if unknown:
             raise UsageError(f"unknown config fields {unknown}; the file was written by another version")
-        fixed = {k: tuple(v) if k == "hidden" else v for k, v in values.items()}
-        return cls(**fixed)
+        return cls(**values)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def plain(values: dict[str, Any]) -> dict[str, Any]:
+    """JSON-ready values: tuples become lists, nested dicts too."""
+    return {k: plain(v) if isinstance(v, dict) else list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
 
 def parse_widths(text: str) -> tuple[int, ...]:
@@ -195,38 +204,56 @@ def _arg_type(annotation: Any) -> Any:
     return annotation
 
 
-def build_parser() -> argparse.ArgumentParser:
+def add_fields(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, defaults: Any = None) -> None:
+    """One ``--flag`` per field of the dataclass ``cls`` that has help text (``defaults``: an instance
+    whose values replace the fields' defaults)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("help") is None:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        value = getattr(defaults, f.name) if defaults is not None else f.default
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", default=value, help=f.metadata["help"])
+            continue
+        parser.add_argument(
+            flag,
+            type=_arg_type(kind),
+            default=",".join(map(str, value)) if isinstance(value, tuple) else value,
+            choices=f.metadata.get("choices"),
+            help=f.metadata["help"],
+            metavar=f.name.upper() if f.metadata.get("choices") is None else None,
+            dest=f.name,
+        )
+
+
+def build_parser(options: type | None = None, task_name: str = "", defaults: Any = None) -> argparse.ArgumentParser:
+    """The training command line: the engine's options, then ``options`` (a task's ``Options``
+    dataclass) in a group of the task's own."""
     parser = argparse.ArgumentParser(
         prog="trainer",
-        description="Train an MLP on MNIST, one process or many (torchrun or exported RANK/WORLD_SIZE).",
-        epilog="Other commands: trainer evaluate PATH (test accuracy of a run directory, checkpoint or exported "
+        description="Train a task (an MLP on MNIST by default), one process or many (torchrun or exported "
+        "RANK/WORLD_SIZE).",
+        epilog="Other commands: trainer evaluate PATH (loss and metrics of a run directory, checkpoint or exported "
         "model; docs/using-the-model.md); trainer report RUN_DIR (report.html with plots); trainer platform "
         "(the machine and software, with measured figures; docs/watching.md). Each takes --help.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kind = hints[f.name]
-        if kind is bool:
-            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
-            continue
-        default = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
-        parser.add_argument(
-            flag,
-            type=_arg_type(kind),
-            default=default,
-            choices=f.metadata["choices"],
-            help=f.metadata["help"],
-            metavar=f.name.upper() if f.metadata["choices"] is None else None,
-        )
+    add_fields(parser, TrainConfig)
+    if options is not None and dataclasses.fields(options):
+        add_fields(parser.add_argument_group(f"options of the task {task_name}"), options, defaults)
     return parser
 
 
-def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
-    """Command line -> config. Bad values exit through argparse or raise ``UsageError``."""
-    namespace = build_parser().parse_args(argv)
-    values = vars(namespace)
-    if isinstance(values["hidden"], str):
-        values["hidden"] = parse_widths(values["hidden"])
-    return TrainConfig(**values)
+def task_values(namespace: argparse.Namespace, options: type) -> tuple[dict[str, Any], Any]:
+    """Split parsed arguments into the engine's values and an instance of the task's ``options``."""
+    values = vars(namespace).copy()
+    hints = typing.get_type_hints(options)
+    mine = {}
+    for f in dataclasses.fields(options):
+        value = values.pop(f.name)
+        if hints[f.name] == tuple[int, ...] and isinstance(value, str):
+            value = parse_widths(value)
+        mine[f.name] = value
+    return values, options(**mine)

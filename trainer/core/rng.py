@@ -48,3 +48,15 @@ def numpy_rng_from_plain(plain: dict[str, Any]) -> tuple[Any, ...]:
     """Inverse of ``numpy_rng_to_plain``: a tuple for ``set_state``."""
     keys = plain["keys"].numpy().astype(np.uint32)
     return (plain["kind"], keys, plain["pos"], plain["has_gauss"], plain["cached"])
+
+
+def seed_rank(seed: int, rank: int, step: int = 0) -> None:
+    """Seed torch's, numpy's and Python's global generators for ``rank`` from (``seed``, ``rank``, ``step``).
+
+    Each rank then draws its own dropout masks and augmentations, and the same run draws the same
+    ones again; ``step`` gives a resumed run whose ranks' streams could not be restored fresh ones.
+    """
+    value = ((seed * 1_000_003 + rank) * 1_000_003 + step) % 2**63
+    torch.manual_seed(value)
+    np.random.seed(value % 2**32)
+    random.seed(value)

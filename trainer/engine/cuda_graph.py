@@ -12,7 +12,7 @@ How it stays the same run as eager mode:
   eager ones, so the arithmetic is the same (tests/test_cuda.py compares the weights).
 - The guard cannot branch on the host inside a graph. The step's verdict (loss and gradients
   finite) goes to the fused optimiser as ``found_inf``, which then leaves the weights and the
-  momentum or Adam state untouched, exactly as eager mode skips the step; the loss and accuracy of
+  momentum or Adam state untouched, exactly as eager mode skips the step; the loss and metrics of
   such a step count as zero, as in eager mode. The graph counts skipped steps and notes the first,
   and the trainer reads them at the end of each window: ``--on-nonfinite stop`` then stops naming
   that step, before any checkpoint of a later step is written.
@@ -32,11 +32,12 @@ import time
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from trainer.core.config import TrainConfig
 from trainer.core.errors import UsageError
+from trainer.core.task import Split, Task
+from trainer.engine.evaluation import step_figures
 from trainer.lifecycle.guard import grads_finite_tensor
 from trainer.watch.metrics import StepTimes
 
@@ -49,13 +50,16 @@ WARMUP_STEPS = 3
 EagerStep = Callable[[torch.Tensor, StepTimes], torch.Tensor]
 
 
-def use_cuda_graph(cfg: TrainConfig, device: torch.device, world_size: int) -> bool:
-    """Whether to capture the step: ``auto`` where it is safe (one process on CUDA), ``on`` or an error."""
-    possible = device.type == "cuda" and world_size == 1
+def use_cuda_graph(cfg: TrainConfig, device: torch.device, world_size: int, split: Split) -> bool:
+    """Whether to capture the step: ``auto`` where it is safe (one process on CUDA, batches gathered on
+    the device), ``on`` or an error."""
+    capturable = bool(getattr(split, "capturable", False))
+    possible = device.type == "cuda" and world_size == 1 and capturable
     if cfg.cuda_graph == "on" and not possible:
         raise UsageError(
-            f"--cuda-graph on needs one process on a CUDA device (here: device {device.type}, world size "
-            f"{world_size}); use --cuda-graph auto, which captures only where it can"
+            f"--cuda-graph on needs one process on a CUDA device and a training split whose batches are "
+            f"gathered on the device, such as a TensorSplit (here: device {device.type}, world size {world_size}, "
+            f"{type(split).__name__}); use --cuda-graph auto, which captures only where it can"
         )
     return possible and cfg.cuda_graph != "off"
 
@@ -67,15 +71,14 @@ class GraphedStep:
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
-        train_x: torch.Tensor,
-        train_y: torch.Tensor,
+        task: Task,
+        split: Split,
         batch_size: int,
         clip_grad_norm: float | None,
     ) -> None:
-        self.model, self.optimizer = model, optimizer
-        self.train_x, self.train_y = train_x, train_y
+        self.model, self.optimizer, self.task, self.split = model, optimizer, task, split
         self.clip_grad_norm = clip_grad_norm
-        device = train_x.device
+        device = next(model.parameters()).device
         self.positions = torch.zeros(batch_size, dtype=torch.long, device=device)
         # Written by the graph: steps skipped since the last ``settle``, the first of them (-1: none),
         # and the number of the step being replayed (the host's global step, kept on the device).
@@ -83,14 +86,14 @@ class GraphedStep:
         self.first_skipped = torch.full((), -1, dtype=torch.long, device=device)
         self.step_number = torch.zeros((), dtype=torch.long, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.result: torch.Tensor | None = None  # (loss, correct) of the replayed step, float64
+        self.result: torch.Tensor | None = None  # (loss, *metrics) of the replayed step, float64
         self.eager_steps = 0
         self.side_stream = torch.cuda.Stream(device)
         self.pending_steps = 0  # replayed since the last settle
         self.pending_since = 0.0
 
     def step(self, positions: torch.Tensor, times: StepTimes, global_step: int, eager: EagerStep) -> torch.Tensor:
-        """One training step on the batch at ``positions`` (a device tensor); returns (loss, correct)."""
+        """One training step on the batch at ``positions`` (a device tensor); returns (loss, *metrics)."""
         if self.graph is None:
             if self.eager_steps < WARMUP_STEPS:
                 self.eager_steps += 1
@@ -158,10 +161,8 @@ class GraphedStep:
 
     def _step_body(self) -> torch.Tensor:
         """The eager step of ``Trainer.train_step`` without a host read (recorded, not run)."""
-        inputs, targets = self.train_x[self.positions], self.train_y[self.positions]
-        logits = self.model(inputs)
-        loss = F.cross_entropy(logits, targets)
-        correct = (logits.detach().argmax(dim=1) == targets).sum()
+        loss, metrics = self.task.loss(self.model, self.split.batch(self.positions))
+        figures = step_figures(self.task, loss, metrics)
         loss.backward()
         params = [p for p in self.model.parameters() if p.grad is not None]
         finite = grads_finite_tensor(params, loss)
@@ -176,6 +177,4 @@ class GraphedStep:
         self.step_number.add_(1)
         self.skipped.add_((~finite).long())
         self.first_skipped.copy_(torch.where((self.first_skipped < 0) & ~finite, self.step_number, self.first_skipped))
-        zero = torch.zeros((), dtype=torch.float64, device=loss.device)
-        kept_loss, kept_correct = (torch.where(finite, value.double(), zero) for value in (loss.detach(), correct))
-        return torch.stack((kept_loss, kept_correct))
+        return torch.where(finite, figures, torch.zeros_like(figures))

@@ -2,11 +2,12 @@
 
 At the end of a run rank 0 writes, in ``--run-dir``:
 
-- ``model.safetensors``: the final weights (the model ``summary.json``'s test accuracy is of);
-- ``best.safetensors``: the weights of the best checkpoint (highest validation accuracy at an
+- ``model.safetensors``: the final weights (the model ``summary.json``'s test figures are of);
+- ``best.safetensors``: the weights of the best checkpoint (by the task's ``best`` figure at an
   epoch end), when an epoch ended;
-- ``model.json``: layer widths, activation, the input normalisation, the class count, which
-  tensor is which layer, the accuracies of both models and the run's config.
+- ``model.json``: the task, every tensor's shape, what the task records about its model
+  (``Task.export_metadata``: for MNIST the layer widths, activation, input normalisation and
+  classes), the test figures of both models and the run's config.
 
 Loading needs only ``safetensors`` and plain torch (docs/using-the-model.md has the snippet);
 no pickle is involved, so loading runs no code. ``model.json`` is written last and holds the
@@ -30,36 +31,18 @@ from torch import nn
 from trainer.core.config import TrainConfig
 from trainer.core.errors import UsageError
 from trainer.core.fileio import atomic_write_bytes, write_json
-from trainer.engine.evaluation import split_metrics
+from trainer.core.task import Splits, Task
+from trainer.core.weights import count_parameters
+from trainer.engine.evaluation import split_figures
 from trainer.lifecycle.checkpoint import CheckpointError, best_manifest, read_checkpoint
 from trainer.lifecycle.train_state import TrainState
-from trainer.tasks.mnist_data import MEAN, STD, RunData
-from trainer.tasks.mnist_model import INPUT_SIZE, NUM_CLASSES, count_parameters
 
 log = logging.getLogger(__name__)
 
-FORMAT = "trainer-mlp/1"
+FORMAT = "trainer-export/1"
+# Keys of model.json that the engine writes; a task's ``export_metadata`` adds others beside them.
+ENGINE_KEYS = ("format", "task", "task_options", "tensors", "parameters", "models", "config", "torch_version")
 CARD, FINAL, BEST = "model.json", "model.safetensors", "best.safetensors"
-
-
-def layer_table(model: nn.Sequential) -> list[dict[str, Any]]:
-    """Each linear layer in order: its tensor names in the weights file, its shape, the activation after it."""
-    children = list(model.named_children())
-    table = []
-    for position, (name, module) in enumerate(children):
-        if not isinstance(module, nn.Linear):
-            continue
-        after = children[position + 1][1] if position + 1 < len(children) else None
-        table.append(
-            {
-                "weight": f"{name}.weight",  # (out_features, in_features): y = x @ weight.T + bias
-                "bias": f"{name}.bias",
-                "in_features": module.in_features,
-                "out_features": module.out_features,
-                "activation": "relu" if isinstance(after, nn.ReLU) else None,
-            }
-        )
-    return table
 
 
 def weights_bytes(state: dict[str, torch.Tensor]) -> bytes:
@@ -69,16 +52,16 @@ def weights_bytes(state: dict[str, torch.Tensor]) -> bytes:
 
 
 def export_model(
-    cfg: TrainConfig, model: nn.Sequential, state: TrainState, test: tuple[float, float], data: RunData
+    cfg: TrainConfig, task: Task, model: nn.Module, state: TrainState, test: dict[str, float], splits: Splits
 ) -> None:
     """Write the final and the best model and ``model.json`` into the run directory (rank 0, end of run).
 
-    ``test`` is the final model's (loss, accuracy) on the test split. A failed write (full disk)
-    is logged, not raised: the run's checkpoints still hold the model.
+    ``test`` is the final model's ``test_*`` figures. A failed write (full disk) is logged, not
+    raised: the run's checkpoints still hold the model.
     """
     run_dir = Path(cfg.run_dir)
     try:
-        card = _write_weights(run_dir, cfg, model, state, test, data)
+        card = _write_weights(run_dir, cfg, task, model, state, test, splits)
         write_json(run_dir / CARD, card)
     except OSError as exc:
         log.warning(
@@ -92,37 +75,40 @@ def export_model(
 
 
 def _write_weights(
-    run_dir: Path, cfg: TrainConfig, model: nn.Sequential, state: TrainState, test: tuple[float, float], data: RunData
+    run_dir: Path,
+    cfg: TrainConfig,
+    task: Task,
+    model: nn.Module,
+    state: TrainState,
+    test: dict[str, float],
+    splits: Splits,
 ) -> dict[str, Any]:
     """Write the weights files; returns the ``model.json`` content that describes them."""
     last = state.history[-1] if state.history else None
-    final_bytes = weights_bytes(model.state_dict())
+    weights = model.state_dict()
+    final_bytes = weights_bytes(weights)
     atomic_write_bytes(run_dir / FINAL, final_bytes)
+    # The validation figures of the final weights exist when the run ended at an epoch end.
+    at_end = last is not None and last["global_step"] == state.global_step
     final = {
         "file": FINAL,
         "sha256": hashlib.sha256(final_bytes).hexdigest(),
         "step": state.global_step,
         "epochs_completed": state.epoch,
-        "test_loss": test[0],
-        "test_accuracy": test[1],
-        # The validation figures of the final weights exist when the run ended at an epoch end.
-        "val_accuracy": last["val_accuracy"] if last and last["global_step"] == state.global_step else None,
+        **test,
+        **{name: (last[name] if at_end else None) for name in val_names(task)},
     }
-    best = _write_best(run_dir, cfg, model, state, data)
+    best = _write_best(run_dir, cfg, task, model, state, splits)
+    metadata = task.export_metadata(model)
+    clash = sorted(set(metadata) & set(ENGINE_KEYS))
+    if clash:
+        raise UsageError(f"{type(task).__name__}.export_metadata uses keys the export reserves: {clash}; rename them")
     return {
         "format": FORMAT,
-        "task": "MNIST digit classification: class i is the digit i",
-        "layer_widths": [INPUT_SIZE, *cfg.hidden, NUM_CLASSES],
-        "activation": "relu",
-        "input": {
-            "size": INPUT_SIZE,
-            "image_shape": [28, 28],
-            "mean": MEAN,
-            "std": STD,
-            "normalise": "x = (pixels / 255 - mean) / std, pixels the 28x28 uint8 image flattened row by row",
-        },
-        "classes": NUM_CLASSES,
-        "layers": layer_table(model),
+        "task": task.name,
+        "task_options": cfg.task_options,
+        **metadata,
+        "tensors": {name: list(tensor.shape) for name, tensor in weights.items()},
         "parameters": count_parameters(model),
         "models": {"final": final, "best": best},
         "config": cfg.to_dict(),
@@ -130,8 +116,12 @@ def _write_weights(
     }
 
 
+def val_names(task: Task) -> list[str]:
+    return [f"val_{name}" for name in ("loss", *task.metrics)]
+
+
 def _write_best(
-    run_dir: Path, cfg: TrainConfig, model: nn.Sequential, state: TrainState, data: RunData
+    run_dir: Path, cfg: TrainConfig, task: Task, model: nn.Module, state: TrainState, splits: Splits
 ) -> dict[str, Any] | None:
     """Export the best checkpoint's weights with their test figures; None (and no file) when there is none."""
     manifest = best_manifest(cfg.checkpoint_root, up_to=state.global_step)
@@ -147,7 +137,7 @@ def _write_best(
     best_model = copy.deepcopy(model)
     best_model.load_state_dict(payload["model"])
     # One process evaluates the whole split, in the same chunks as a one-process run would.
-    test_loss, test_accuracy = split_metrics(best_model, data.test_x, data.test_y)
+    test = split_figures(task, best_model, splits.test, "test") if splits.test is not None else {}
     best_bytes = weights_bytes(payload["model"])
     atomic_write_bytes(run_dir / BEST, best_bytes)
     return {
@@ -156,9 +146,8 @@ def _write_best(
         "checkpoint": str(cfg.checkpoint_root / manifest["file"]),
         "step": manifest["step"],
         "epochs_completed": manifest["epochs_completed"],
-        "val_accuracy": manifest["val_accuracy"],
-        "test_loss": test_loss,
-        "test_accuracy": test_accuracy,
+        manifest["best"]["name"]: manifest["best"]["value"],
+        **test,
     }
 
 
@@ -170,7 +159,7 @@ def read_export(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         raise UsageError(f"{path} has no {CARD} beside it; keep the two files of an export together")
     try:
         card = json.loads(card_path.read_text())
-        layers = card["layers"]
+        tensors = card["tensors"]
         if not isinstance(card["config"], dict):
             raise TypeError("its config is not an object")
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -179,7 +168,7 @@ def read_export(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         state = safetensors.torch.load(path.read_bytes())
     except (OSError, SafetensorError) as exc:
         raise UsageError(f"{path} is not a readable safetensors file ({exc}); export the model again") from None
-    expected = {layer[key] for layer in layers for key in ("weight", "bias")}
+    expected = set(tensors)
     if set(state) != expected:
         raise UsageError(f"{path} holds tensors {sorted(state)}, but {card_path} describes {sorted(expected)}")
     return state, card

@@ -10,16 +10,18 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from trainer.core.clock import device_clock
 from trainer.core.config import TrainConfig
 from trainer.core.errors import UsageError
-from trainer.core.rng import capture_rng, restore_rng
+from trainer.core.optim import hyperparameters, reapply
+from trainer.core.rng import capture_rng, restore_rng, seed_rank
+from trainer.core.task import Splits, Task
+from trainer.core.weights import count_parameters
 from trainer.distributed.collectives import any_rank, barrier, reduce_sum
 from trainer.distributed.env import DistEnv
 from trainer.engine.cuda_graph import GraphedStep, use_cuda_graph
-from trainer.engine.evaluation import loss_and_correct
+from trainer.engine.evaluation import evaluate_split, step_figures
 from trainer.engine.export import export_model
 from trainer.engine.sampling import EpochPlan, epoch_permutation
 from trainer.lifecycle.checkpoint import FORMAT, save_checkpoint
@@ -28,8 +30,6 @@ from trainer.lifecycle.signals import StopRequested, StopSignal
 from trainer.lifecycle.train_state import TrainState
 from trainer.sync.comm import wrap_model
 from trainer.sync.shared_step import recipe_reason
-from trainer.tasks.mnist_data import RunData
-from trainer.tasks.mnist_model import INPUT_SIZE, NUM_CLASSES, build_model, build_optimizer, count_parameters
 from trainer.watch.metrics import StepTimes
 from trainer.watch.progress import Progress
 
@@ -37,20 +37,26 @@ log = logging.getLogger(__name__)
 
 
 class Trainer:
-    """Owns the model, optimiser, data and state of one process of the job."""
+    """Owns the model, optimiser, data and state of one process of the job, for any task."""
 
-    def __init__(self, cfg: TrainConfig, dist_env: DistEnv, device: torch.device, data: RunData) -> None:
-        self.cfg, self.dist_env, self.device, self.data = cfg, dist_env, device, data
+    def __init__(self, cfg: TrainConfig, dist_env: DistEnv, device: torch.device, task: Task, splits: Splits) -> None:
+        self.cfg, self.dist_env, self.device, self.task, self.splits = cfg, dist_env, device, task, splits
         self.batch_size = cfg.per_rank_batch(dist_env.world_size)
         global_batch = self.batch_size * dist_env.world_size
-        if global_batch > len(data.train_x):
+        self.train_samples = len(splits.train)
+        if global_batch > self.train_samples:
             raise UsageError(
                 f"a global batch of {global_batch} ({self.batch_size} per process x {dist_env.world_size} processes) "
-                f"exceeds the {len(data.train_x)} training samples; use a smaller --batch-size or --global-batch-size"
+                f"exceeds the {self.train_samples} training samples; use a smaller --batch-size or --global-batch-size"
             )
-        self.model = build_model(cfg).to(device)
+        # The same initial weights on every rank, from --seed; then each rank its own random streams
+        # (dropout, augmentation), which checkpoints save per rank.
+        torch.manual_seed(cfg.seed)
+        self.model = task.build_model().to(device)
+        seed_rank(cfg.seed, dist_env.rank)
+        self.optimizer = task.build_optimizer(self.model, cfg)
         # What the step calls: the model itself, or DDP around it; ``comm`` syncs and times the gradients.
-        not_shared = recipe_reason(cfg)
+        not_shared = recipe_reason(cfg, self.optimizer)
         self.forward, self.comm = wrap_model(
             self.model,
             device,
@@ -62,30 +68,30 @@ class Trainer:
         )
         if not_shared and self.comm is not None and self.comm.option == "shm":
             log.info("optimiser step not shared between ranks: %s", not_shared)
-        self.optimizer = build_optimizer(cfg, self.model)
         # One process on CUDA: the step is captured in a CUDA graph after a few eager steps.
         self.graphed = (
-            GraphedStep(self.model, self.optimizer, data.train_x, data.train_y, self.batch_size, cfg.clip_grad_norm)
-            if use_cuda_graph(cfg, device, dist_env.world_size)
+            GraphedStep(self.model, self.optimizer, self.task, splits.train, self.batch_size, cfg.clip_grad_norm)
+            if use_cuda_graph(cfg, device, dist_env.world_size, splits.train)
             else None
         )
         self.state = TrainState()
         self.resumed_from_step: int | None = None
         self.stop = StopSignal()
-        self.progress = Progress(cfg, dist_env, device)
+        self.progress = Progress(cfg, dist_env, device, task)
         self.clock = device_clock(device)
         log.info(
-            "model %s: %d parameters; train %d, validation %d, test %d samples",
-            "-".join(str(w) for w in (INPUT_SIZE, *cfg.hidden, NUM_CLASSES)),
+            "task %s, model %s: %d parameters; train %d, validation %d, test %d samples",
+            task.name,
+            task.describe(self.model),
             count_parameters(self.model),
-            len(data.train_x),
-            len(data.val_x),
-            len(data.test_x),
+            self.train_samples,
+            len(splits.val) if splits.val is not None else 0,
+            len(splits.test) if splits.test is not None else 0,
         )
 
     # -- one step ------------------------------------------------------------------------
     def train_step(self, positions: torch.Tensor, times: StepTimes) -> torch.Tensor:
-        """One optimiser step on this rank's batch; returns (loss, samples predicted right) as float64."""
+        """One optimiser step on this rank's batch; returns (loss, *the task's metrics) as float64."""
         if self.graphed is not None:
             return self.graphed.step(positions, times, self.state.global_step, self.eager_step)
         return self.eager_step(positions, times)
@@ -94,23 +100,22 @@ class Trainer:
         """``train_step`` run op by op (a CUDA graph records this minus its host reads: engine/cuda_graph.py)."""
         started = time.perf_counter()
         positions = positions.to(self.device, non_blocking=True)
-        inputs, targets = self.data.train_x[positions], self.data.train_y[positions]
+        batch = self.splits.train.batch(positions)
         loaded = self.clock()
-        logits = self.forward(inputs)
-        loss = F.cross_entropy(logits, targets)
-        correct = (logits.detach().argmax(dim=1) == targets).sum()
+        loss, metrics = self.task.loss(self.forward, batch)
+        figures = step_figures(self.task, loss, metrics)
         self.optimizer.zero_grad(set_to_none=True)
         self.backward(loss)
         if self.step_is_finite(loss):
             if self.cfg.clip_grad_norm is not None:  # the synced gradients: every rank clips the same
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad_norm)
             self.update()
-        else:  # the skipped step adds nothing to the epoch's loss and accuracy
-            loss, correct = torch.zeros_like(loss), torch.zeros_like(correct)
+        else:  # the skipped step adds nothing to the epoch's loss and metrics
+            figures = torch.zeros_like(figures)
         finished = self.clock()
         sync_ms = self.comm.take_ms() if self.comm is not None else 0.0
         times.add((loaded - started) * 1e3, (finished - loaded) * 1e3 - sync_ms, sync_ms)
-        return torch.stack((loss.detach().double(), correct.double()))
+        return figures
 
     def update(self) -> None:
         """The optimiser step on the synced gradients (under a shared step, this rank's chunk of it)."""
@@ -177,7 +182,7 @@ class Trainer:
         cfg, state, env = self.cfg, self.state, self.dist_env
         plan = EpochPlan(
             # On the device: each batch's positions are then a slice there, not a copy from the host.
-            permutation=epoch_permutation(len(self.data.train_x), cfg.seed, state.epoch).to(self.device),
+            permutation=epoch_permutation(self.train_samples, cfg.seed, state.epoch).to(self.device),
             start=state.consumed,
             batch_size=self.batch_size,
             world_size=env.world_size,
@@ -185,7 +190,7 @@ class Trainer:
         )
         # float64: float32 losses add up exactly, so the epoch loss does not depend on where the
         # windows fell (a run continued from --max-steps has one boundary more than an uninterrupted one).
-        window, window_sums = StepTimes(), torch.zeros(2, dtype=torch.float64, device=self.device)
+        window, window_sums = StepTimes(), self._zero_figures()
         steps_done = 0
         mark = time.perf_counter()
         with self.progress.epoch_bar(plan.steps, state.epoch) as bar:
@@ -205,7 +210,7 @@ class Trainer:
                 self.settle_graph(window)
                 mark = self._add_time(mark)
                 stop = self._end_window(window, window_sums, bar, at_log)
-                window, window_sums = StepTimes(), torch.zeros(2, dtype=torch.float64, device=self.device)
+                window, window_sums = StepTimes(), self._zero_figures()
                 # The epoch's last step and the --max-steps step get theirs after evaluation, in ``train``.
                 if stop or (at_checkpoint and not (last or self.max_steps_reached())):
                     self.write_checkpoint()
@@ -218,20 +223,24 @@ class Trainer:
         self._add_time(mark)
         return steps_done == plan.steps
 
+    def _zero_figures(self) -> torch.Tensor:
+        return torch.zeros(1 + len(self.task.metrics), dtype=torch.float64, device=self.device)
+
     def _end_window(self, window: StepTimes, window_sums: torch.Tensor, bar: Any, at_log: bool) -> bool:
-        """Fold a window of steps (``window_sums``: loss and correct predictions) into the epoch and
-        run totals and record it; True if the ranks stop."""
+        """Fold a window of steps (``window_sums``: loss and the task's metrics, summed over its steps)
+        into the epoch and run totals and record it; True if the ranks stop."""
         state, world_size = self.state, self.dist_env.world_size
-        loss_sum, correct = window_sums.tolist()
+        sums = window_sums.tolist()
         # One small collective per window: every rank calls it at the same step, so it cannot
-        # deadlock, and it makes the epoch loss and the stop decision global (a signal may reach
+        # deadlock, and it makes the epoch figures and the stop decision global (a signal may reach
         # one rank only). A dead peer makes it fail after --timeout instead of hanging.
-        total_loss, total_correct, stopping = reduce_sum([loss_sum, correct, float(self.stop.requested)], self.device)
-        state.epoch_loss_sum += total_loss / world_size
-        state.epoch_correct += total_correct
+        *totals, stopping = reduce_sum([*sums, float(self.stop.requested)], self.device)
+        if not state.epoch_sums:
+            state.epoch_sums = [0.0] * len(totals)
+        state.epoch_sums = [kept + total / world_size for kept, total in zip(state.epoch_sums, totals, strict=True)]
         state.epoch_steps += window.steps
         state.samples_trained += window.steps * self.batch_size * world_size
-        self.progress.window_done(state, window, loss_sum / window.steps, bar, at_log)
+        self.progress.window_done(state, window, sums[0] / window.steps, bar, at_log)
         return stopping > 0
 
     def _add_time(self, since: float) -> float:
@@ -244,14 +253,18 @@ class Trainer:
         return self.cfg.max_steps is not None and self.state.global_step >= self.cfg.max_steps
 
     # -- evaluation ---------------------------------------------------------------------
-    def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
-        """Loss and accuracy over a whole split; each rank takes a slice and the sums are reduced."""
+    def evaluate(self, split_name: str) -> dict[str, float]:
+        """``{split}_loss`` and ``{split}_{metric}`` over a whole split; each rank takes a slice of it
+        and the sums are reduced. Empty when the task has no such split."""
+        split = getattr(self.splits, split_name)
+        if split is None:
+            return {}
         env = self.dist_env
-        begin = len(inputs) * env.rank // env.world_size
-        end = len(inputs) * (env.rank + 1) // env.world_size
-        loss_sum, correct = loss_and_correct(self.model, inputs, targets, begin, end)
-        loss_sum, correct, count = reduce_sum([loss_sum, correct, float(end - begin)], self.device)
-        return loss_sum / count, correct / count
+        begin, end = len(split) * env.rank // env.world_size, len(split) * (env.rank + 1) // env.world_size
+        sums = evaluate_split(self.task, self.model, split, begin, end)
+        *totals, count = reduce_sum([*sums, float(end - begin)], self.device)
+        names = ("loss", *self.task.metrics)
+        return {f"{split_name}_{name}": total / count for name, total in zip(names, totals, strict=True)}
 
     def finish_epoch(self, complete: bool) -> None:
         """Evaluate and record the epoch's row; a complete epoch moves the state on.
@@ -260,13 +273,12 @@ class Trainer:
         """
         if self.comm is not None:
             self.comm.sync_replicas(self.model)  # local SGD: evaluate (and keep) one model, not a mix
-        val_loss, val_accuracy = self.evaluate(self.data.val_x, self.data.val_y)
-        self.progress.epoch_row(self.state, val_loss, val_accuracy)
+        self.progress.epoch_row(self.state, self.evaluate("val"))
         if complete:
             state = self.state
             state.epoch += 1
             state.consumed = 0
-            state.epoch_loss_sum, state.epoch_correct, state.epoch_steps, state.epoch_seconds = 0.0, 0.0, 0, 0.0
+            state.epoch_sums, state.epoch_steps, state.epoch_seconds = [], 0, 0.0
 
     # -- the run ------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
@@ -280,13 +292,13 @@ class Trainer:
                 self.finish_epoch(complete)
                 # Also at --max-steps: a finished run can be continued from it when the budget grows.
                 # An epoch-end checkpoint is a candidate for the best one.
-                self.write_checkpoint(val_accuracy=self.state.history[-1]["val_accuracy"] if complete else None)
+                self.write_checkpoint(scores=self.state.history[-1] if complete else None)
                 if not complete:
                     log.info("stopped at --max-steps %d, inside epoch %d", self.cfg.max_steps, self.state.epoch + 1)
                     break
-            test = self.evaluate(self.data.test_x, self.data.test_y)
+            test = self.evaluate("test")
             if self.dist_env.is_main:  # before the summary, which marks the run finished
-                export_model(self.cfg, self.model, self.state, test, self.data)
+                export_model(self.cfg, self.task, self.model, self.state, test, self.splits)
         except Exception as exc:
             self.progress.hang.failed(exc)  # a wait for peers that failed: raises, naming who did not arrive
             raise
@@ -303,20 +315,48 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "train_state": dataclasses.asdict(self.state),
-            "rng": capture_rng(),
+            "rng": [capture_rng()],  # every rank's, in rank order (``write_checkpoint`` gathers them)
             "config": self.cfg.to_dict(),
+            "task": self.task.name,
             "world_size": self.dist_env.world_size,
             "batch_size": self.batch_size,
         }
 
     def load_state_dict(self, payload: dict[str, Any]) -> None:
-        """Inverse of ``state_dict``: continue exactly where the checkpoint's run stood."""
+        """Inverse of ``state_dict``: continue exactly where the checkpoint's run stood.
+
+        The hyper-parameters the command line and the task give now (learning rate, momentum,
+        weight decay...) win over the checkpoint's: ``optimizer.load_state_dict`` restores the
+        saved ones, so the current ones are put back, and the log names each that changed.
+        """
         self.model.load_state_dict(payload["model"])
+        wanted = hyperparameters(self.optimizer)
         self.optimizer.load_state_dict(payload["optimizer"])
+        changed = reapply(self.optimizer, wanted)
+        if changed:
+            log.info(
+                "optimiser settings that differ from the checkpoint's (the current ones apply): %s", "; ".join(changed)
+            )
         self.state = TrainState(**payload["train_state"])
-        restore_rng(payload["rng"])
         self.resumed_from_step = self.state.global_step
+        self.restore_rank_rng(payload["rng"])
         self.load_rank_state(payload.get("per_rank"))
+
+    def restore_rank_rng(self, saved: list[dict[str, Any]]) -> None:
+        """Each rank continues its own random streams; at another world size the checkpoint's streams
+        do not map onto the ranks, so each rank starts fresh ones from (seed, rank, step) and says so."""
+        env = self.dist_env
+        if len(saved) == env.world_size:
+            restore_rng(saved[env.rank])
+            return
+        seed_rank(self.cfg.seed, env.rank, self.state.global_step)
+        log.info(
+            "random streams (dropout, augmentation) restart from --seed, rank and step %d: the checkpoint holds "
+            "those of %d ranks, this run has %d",
+            self.state.global_step,
+            len(saved),
+            env.world_size,
+        )
 
     def rank_state(self) -> dict[str, Any]:
         """This rank's own state under a ``--comm`` option that keeps per-rank state (``Comm.per_rank_state``):
@@ -367,42 +407,43 @@ class Trainer:
                 "; ".join(reset),
             )
 
-    def write_checkpoint(self, val_accuracy: float | None = None) -> None:
-        """Rank 0 writes the checkpoint of the current step; the others go straight on.
+    def write_checkpoint(self, scores: dict[str, Any] | None = None) -> None:
+        """Rank 0 writes the checkpoint of the current step, with every rank's random streams.
 
-        ``val_accuracy``: the validation accuracy of an epoch-end checkpoint, which makes it a
-        candidate for the best checkpoint.
+        ``scores``: the epoch's row (validation figures) of an epoch-end checkpoint, which makes it a
+        candidate for the best checkpoint (the task's ``best``).
 
-        For most options no collective is involved, so a peer that died cannot hang the write.
+        Rank 0 gathers each rank's RNG states (and, under --comm powersgd and localsgd, the
+        option's per-rank state): a collective, which every rank reaches at the same step; a dead
+        peer fails it after --timeout instead of hanging. The write itself waits for nobody.
         A failed write (full disk, say) is a warning: training goes on and the earlier
         checkpoints stay.
         """
-        per_rank = None
-        if self.comm is not None and self.comm.per_rank_state:
-            # Only for --comm powersgd and localsgd, whose state differs between ranks: rank 0
-            # gathers every rank's. A collective (every rank checkpoints at the same step); a
-            # dead peer fails it after --timeout instead of hanging.
-            gathered: list[Any] | None = [None] * self.dist_env.world_size if self.dist_env.is_main else None
-            dist.gather_object(self.rank_state(), gathered, dst=0)
-            per_rank = gathered
+        per_rank = self.comm is not None and self.comm.per_rank_state
+        mine = {"rng": capture_rng(), **({"state": self.rank_state()} if per_rank else {})}
+        gathered: list[Any] | None = [mine]
+        if self.dist_env.distributed:
+            gathered = [None] * self.dist_env.world_size if self.dist_env.is_main else None
+            dist.gather_object(mine, gathered, dst=0)
         if not self.dist_env.is_main:
             return
+        assert gathered is not None
         started = time.perf_counter()
         payload = self.state_dict()
-        if per_rank is not None:
-            payload["per_rank"] = per_rank
+        payload["rng"] = [rank["rng"] for rank in gathered]
+        if per_rank:
+            payload["per_rank"] = [rank["state"] for rank in gathered]
         if not all_finite([payload["model"], payload["optimizer"]]):
             log.error(
                 "checkpoint of step %d not written: the model or optimiser holds NaN or Inf", self.state.global_step
             )
             return
+        best = None
+        if scores is not None:
+            best = {"name": self.task.best[0], "value": scores.get(self.task.best[0]), "mode": self.task.best[1]}
         try:
             path = save_checkpoint(
-                self.cfg.checkpoint_root,
-                self.state.global_step,
-                payload,
-                self.cfg.keep_checkpoints,
-                val_accuracy=val_accuracy,
+                self.cfg.checkpoint_root, self.state.global_step, payload, self.cfg.keep_checkpoints, best=best
             )
         except OSError as exc:
             log.warning(

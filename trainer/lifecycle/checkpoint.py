@@ -5,8 +5,9 @@ plain tensors and values) and ``step-00000100.json``, its manifest (size and SHA
 ``.pt``, and where training stood). The manifest is written last, so it doubles as the
 completion marker: a ``.pt`` without one, or one whose bytes do not match it, is not loaded.
 
-An epoch-end checkpoint's manifest also holds the validation accuracy of that epoch. The one with
-the highest is the best checkpoint, which pruning keeps besides the newest ``--keep-checkpoints``.
+An epoch-end checkpoint's manifest also holds the epoch's score by the task's ``best`` figure
+(validation accuracy for MNIST, validation loss by default). The one that scores best is the best
+checkpoint, which pruning keeps besides the newest ``--keep-checkpoints``.
 Two pointer files make both easy to find: ``latest.json`` (the newest checkpoint written) and
 ``best.json``, each a copy of the chosen checkpoint's manifest entries. They are conveniences for
 users and tools: resuming reads the manifests themselves.
@@ -33,14 +34,16 @@ from trainer.core.fileio import atomic_write_bytes, fsync_dir, write_json
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+# 2: every rank's RNG states, the task's name and options, the epoch's figures by name.
+FORMAT = 2
 _NAME = re.compile(r"^step-(\d{8,})\.(pt|json)$")
 # A checkpoint written with other values of these cannot continue this run: the weights or the
-# optimiser state would not fit, or the data split and order would differ.
-MUST_MATCH = ("hidden", "optimizer", "seed", "val_fraction")
+# optimiser state would not fit, or the data split and order would differ. (A task's own options
+# must match too unless made with ``must_match=False``.)
+MUST_MATCH = ("optimizer", "seed")
 LATEST, BEST = "latest.json", "best.json"
 # What a pointer file copies from the manifest it points at.
-POINTER_FIELDS = ("file", "step", "epoch", "epochs_completed", "samples_consumed_in_epoch", "val_accuracy")
+POINTER_FIELDS = ("file", "step", "epoch", "epochs_completed", "samples_consumed_in_epoch", "best")
 
 
 class CheckpointError(Exception):
@@ -66,11 +69,12 @@ def step_of(path: Path) -> int:
 
 # -- writing ----------------------------------------------------------------------------
 def save_checkpoint(
-    directory: Path, step: int, payload: dict[str, Any], keep: int, val_accuracy: float | None = None
+    directory: Path, step: int, payload: dict[str, Any], keep: int, best: dict[str, Any] | None = None
 ) -> Path:
     """Write ``payload`` as the checkpoint of ``step``, point ``latest.json`` at it, prune to the newest ``keep``.
 
-    ``val_accuracy`` (epoch-end checkpoints only) makes it a candidate for ``best.json``; the best
+    ``best`` (epoch-end checkpoints only: ``{"name": "val_accuracy", "value": 0.97, "mode": "max"}``)
+    makes it a candidate for ``best.json`` and records the score under its name; the best
     checkpoint survives pruning. The ``.pt``, its manifest and then the pointers each go through a
     temporary file, fsync and ``os.replace``: a kill at any moment leaves either the previous
     checkpoints or the new, complete one. Raises ``OSError`` when the disk refuses the write;
@@ -92,7 +96,8 @@ def save_checkpoint(
         "epoch": state["epoch"] + 1,  # the epoch in progress (the next one, at an epoch end)
         "epochs_completed": state["epoch"],
         "samples_consumed_in_epoch": state["consumed"],
-        "val_accuracy": val_accuracy,
+        "best": best,
+        **({best["name"]: best["value"]} if best else {}),
         "world_size": payload["world_size"],
         "time": time.time(),
     }
@@ -165,17 +170,22 @@ def manifests(directory: Path) -> list[dict[str, Any]]:
 
 
 def best_manifest(directory: Path, up_to: int | None = None) -> dict[str, Any] | None:
-    """The manifest of the epoch-end checkpoint (up to step ``up_to``) with the highest validation accuracy.
+    """The manifest of the epoch-end checkpoint (up to step ``up_to``) that scores best by its ``best`` figure.
 
-    On a tie the earlier one wins: it reached that accuracy first. None when no epoch ended yet.
+    On a tie the earlier one wins: it reached that score first. None when no epoch ended yet.
     Pruning keeps this checkpoint, so the best of those on disk is the best of the run.
     """
     scored = [
         m
         for m in manifests(directory)
-        if isinstance(m.get("val_accuracy"), (int, float)) and (up_to is None or m["step"] <= up_to)
+        if isinstance(m.get("best"), dict)
+        and isinstance(m["best"].get("value"), (int, float))
+        and m["best"]["value"] == m["best"]["value"]  # NaN never wins
+        and (up_to is None or m["step"] <= up_to)
     ]
-    return max(reversed(scored), key=lambda m: m["val_accuracy"], default=None)
+    return max(
+        reversed(scored), key=lambda m: m["best"]["value"] * (1 if m["best"]["mode"] == "max" else -1), default=None
+    )
 
 
 def write_pointers(directory: Path, latest: dict[str, Any] | None) -> None:
@@ -185,7 +195,8 @@ def write_pointers(directory: Path, latest: dict[str, Any] | None) -> None:
         if manifest is None:
             (directory / name).unlink(missing_ok=True)
         else:
-            write_json(directory / name, {key: manifest.get(key) for key in POINTER_FIELDS})
+            score = {manifest["best"]["name"]: manifest["best"]["value"]} if manifest.get("best") else {}
+            write_json(directory / name, {**{key: manifest.get(key) for key in POINTER_FIELDS}, **score})
 
 
 def check_writable(directory: Path) -> str | None:
@@ -273,16 +284,29 @@ def choose_checkpoint(cfg: TrainConfig) -> tuple[Path, dict[str, Any]] | None:
         raise UsageError(f"--resume: {exc}") from None
 
 
-def compatibility(saved: dict[str, Any], cfg: TrainConfig) -> tuple[list[str], list[str]]:
-    """(fields that forbid resuming, other fields that differ), each as ``name: checkpoint -> now``."""
-    now = cfg.to_dict()
+def compatibility(
+    saved: dict[str, Any], cfg: TrainConfig, task_must_match: tuple[str, ...] = ()
+) -> tuple[list[str], list[str]]:
+    """(fields that forbid resuming, other fields that differ), each as ``name: checkpoint -> now``.
+
+    The task's options are compared one by one; ``task_must_match`` names those that forbid resuming.
+    """
+    now, then = _flat(cfg.to_dict()), _flat(saved)
+    must = set(MUST_MATCH) | set(task_must_match)
     refused, changed = [], []
-    for name in sorted(set(saved) | set(now)):
-        if name in ("resume", "overwrite") or saved.get(name) == now.get(name):
+    for name in sorted(set(then) | set(now)):
+        if name in ("resume", "overwrite") or then.get(name) == now.get(name):
             continue
-        line = f"{name}: {saved.get(name)!r} in the checkpoint, {now.get(name)!r} now"
-        (refused if name in MUST_MATCH else changed).append(line)
+        line = f"{name}: {then.get(name)!r} in the checkpoint, {now.get(name)!r} now"
+        (refused if name in must else changed).append(line)
     return refused, changed
+
+
+def _flat(config: dict[str, Any]) -> dict[str, Any]:
+    """A config with its task's options at the top level (their names are the task's flags)."""
+    flat = {k: v for k, v in config.items() if k != "task_options"}
+    flat.update(config.get("task_options") or {})
+    return flat
 
 
 # -- random number generators -----------------------------------------------------------

@@ -22,10 +22,20 @@ LAUNCH_FILE = "launch.json"
 SEGMENT_SUMMARY = "summary-step-{step:08d}.json"
 
 
+def headline_figures(summary: dict) -> str:
+    """The run's final figures in words: its test figures, else its last validation ones."""
+    for prefix in ("test_", "val_"):
+        found = [(k, v) for k, v in summary.items() if k.startswith(prefix) and isinstance(v, (int, float))]
+        if found:  # the task's metrics before its loss: for a classifier, accuracy leads
+            found.sort(key=lambda item: item[0].endswith("_loss"))
+            return ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in found)
+    return "no test or validation figures"
+
+
 def describe_finished(summary_path: Path) -> str:
     try:
         summary = json.loads(summary_path.read_text())
-        return f"test accuracy {summary['test_accuracy']:.4f} after {summary['global_step']} steps"
+        return f"{headline_figures(summary)} after {summary['global_step']} steps"
     except (OSError, ValueError, KeyError, TypeError):
         return "its summary.json is unreadable"
 

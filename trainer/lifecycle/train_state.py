@@ -17,8 +17,9 @@ class TrainState:
     epoch: int = 0  # zero-based epoch in progress
     consumed: int = 0  # global samples of that epoch already trained on
     global_step: int = 0
-    epoch_loss_sum: float = 0.0  # sum over the epoch's steps of the batch loss averaged over ranks
-    epoch_correct: float = 0.0  # training samples of the epoch the model got right as it trained on them
+    # Sums over the epoch's steps of the batch loss and of each of the task's metrics, each averaged
+    # over the ranks (as the batches were trained on, the model changing meanwhile).
+    epoch_sums: list[float] = field(default_factory=list)
     epoch_steps: int = 0
     epoch_seconds: float = 0.0  # training time spent in the epoch so far
     train_seconds: float = 0.0  # training time of the whole run (evaluation excluded)

@@ -48,14 +48,16 @@ from trainer.sync.after_backward import AfterBackward
 from trainer.sync.timer import SyncTimer
 
 
-def recipe_reason(cfg: TrainConfig) -> str | None:
+def recipe_reason(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> str | None:
     """Why the run's recipe needs the whole averaged gradient on every rank (so no shared step), or None."""
     if cfg.shared_step == "off":
         return "--shared-step off"
     if cfg.clip_grad_norm is not None:
         return "--clip-grad-norm needs the whole averaged gradient on every rank"
-    if cfg.optimizer != "sgd":
-        return f"--optimizer {cfg.optimizer} runs its own step on every rank (only sgd is shared)"
+    if type(optimizer) is not torch.optim.SGD:
+        return f"the task's optimiser {type(optimizer).__name__} runs its own step on every rank (only SGD is shared)"
+    if len(optimizer.param_groups) != 1:
+        return "the optimiser has several parameter groups (the shared step runs one)"
     return None
 
 

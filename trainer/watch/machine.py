@@ -41,7 +41,9 @@ from trainer.distributed.env import DistEnv, available_cpus
 from trainer.distributed.jobs import fresh_job_env, torchrun_command
 
 PLATFORM_FILE = "platform.json"
-GRADIENT_ELEMENTS = 535_818  # the MLP's parameters at the default widths 512,256: 2,143,272 bytes
+# The all-reduce measured by default: as many float32 elements as the default MNIST MLP has parameters
+# (2,143,272 bytes); --elements measures another model's size.
+GRADIENT_ELEMENTS = 535_818
 RESULT_MARK = "platform-allreduce: "
 
 
@@ -223,7 +225,7 @@ def allreduce_worker(elements: int, repeats: int) -> None:
         dist.destroy_process_group()
 
 
-def measure(threads: int, repeats: int, allreduce: bool) -> dict[str, Any]:
+def measure(threads: int, repeats: int, allreduce: bool, elements: int = GRADIENT_ELEMENTS) -> dict[str, Any]:
     result = {
         "measured_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "load_average_1m": os.getloadavg()[0],
@@ -231,7 +233,7 @@ def measure(threads: int, repeats: int, allreduce: bool) -> dict[str, Any]:
         "memory": measure_memory(repeats=repeats),
     }
     if allreduce:
-        result["allreduce"] = measure_allreduce(GRADIENT_ELEMENTS, repeats=5 * repeats)
+        result["allreduce"] = measure_allreduce(elements, repeats=5 * repeats)
     return result
 
 
@@ -297,7 +299,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--no-allreduce", action="store_true", help="Skip the 2-process all-reduce job.")
     parser.add_argument("--json", action="store_true", help="Print JSON instead of the document.")
     parser.add_argument("--allreduce-worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--elements", type=int, default=GRADIENT_ELEMENTS, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--elements",
+        type=int,
+        default=GRADIENT_ELEMENTS,
+        help="float32 elements in the measured all-reduce: your model's parameter count (default: the MNIST MLP's).",
+    )
     return parser.parse_args(argv)
 
 
@@ -307,8 +314,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         allreduce_worker(args.elements, args.repeats)
         return
     try:
-        if args.repeats < 1 or (args.threads is not None and args.threads < 1):
-            raise UsageError("--repeats and --threads must be at least 1")
+        if args.repeats < 1 or args.elements < 1 or (args.threads is not None and args.threads < 1):
+            raise UsageError("--repeats, --elements and --threads must be at least 1")
         if args.run_dir:
             path = Path(args.run_dir) / PLATFORM_FILE
             try:
@@ -323,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"trainer platform: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     threads = args.threads or info["threads_per_rank"]
-    measured = None if args.no_measure else measure(threads, args.repeats, not args.no_allreduce)
+    measured = None if args.no_measure else measure(threads, args.repeats, not args.no_allreduce, args.elements)
     if args.json:
         print(json.dumps({"platform": info, "measured": measured}, indent=2, sort_keys=True))
     else:

@@ -34,11 +34,12 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from trainer.core.config import TrainConfig
 from trainer.core.fileio import write_json
+from trainer.core.task import Task
+from trainer.core.weights import count_parameters, params_sha256
 from trainer.distributed.collectives import reduce_max, reduce_sum
 from trainer.distributed.env import DistEnv
 from trainer.lifecycle.rundir import earlier_segments
 from trainer.lifecycle.train_state import TrainState
-from trainer.tasks.mnist_model import count_parameters, params_sha256
 from trainer.watch.hang import HangWatch
 from trainer.watch.machine import record_platform
 from trainer.watch.metrics import RankLog, ResourceSampler, StepTimes, peak_rss_mb, percentile, write_metrics_csv
@@ -50,8 +51,9 @@ log = logging.getLogger(__name__)
 class Progress:
     """One rank's records of its run, and the progress bar on rank 0's terminal."""
 
-    def __init__(self, cfg: TrainConfig, dist_env: DistEnv, device: torch.device) -> None:
+    def __init__(self, cfg: TrainConfig, dist_env: DistEnv, device: torch.device, task: Task) -> None:
         self.cfg, self.dist_env, self.device = cfg, dist_env, device
+        self.figures = ("loss", *task.metrics)  # what each step reports, in order
         self.run_dir = Path(cfg.run_dir)
         self.sampler = ResourceSampler()
         self.rank_log = RankLog(self.run_dir / f"rank{dist_env.rank}.jsonl")
@@ -179,7 +181,7 @@ class Progress:
         if not bar.disable:
             bar.set_postfix(loss=f"{loss:.4f}", sync_ms=f"{record['sync_ms']:.2f}")
 
-    def epoch_row(self, state: TrainState, val_loss: float, val_accuracy: float) -> dict[str, Any]:
+    def epoch_row(self, state: TrainState, val: dict[str, float]) -> dict[str, Any]:
         """The epoch's metrics row, appended to the history and ``metrics.csv``. Collective."""
         cpu = self.sampler.take_mean_cpu()
         cpu_total, rss_total = reduce_sum([cpu, self.sampler.last_rss_mb], self.device)
@@ -187,11 +189,12 @@ class Progress:
         row = {
             "epoch": state.epoch + 1,
             "global_step": state.global_step,
-            "train_loss": state.epoch_loss_sum / steps if steps else float("nan"),
             # Over the epoch's batches as they were trained on (the model changing meanwhile).
-            "train_accuracy": state.epoch_correct / state.consumed if state.consumed else float("nan"),
-            "val_loss": val_loss,
-            "val_accuracy": val_accuracy,
+            **{
+                f"train_{name}": (total / steps if steps else float("nan"))
+                for name, total in zip(self.figures, state.epoch_sums or [0.0] * len(self.figures), strict=True)
+            },
+            **val,
             "epoch_seconds": seconds,
             "batches_per_second": steps / seconds if seconds else 0.0,
             # ``consumed`` counts the epoch's samples across restarts and world sizes.
@@ -207,20 +210,19 @@ class Progress:
         if self.dist_env.is_main:
             write_metrics_csv(self.run_dir / "metrics.csv", state.history)
         log.info(
-            "epoch %d done: train loss %.4f, val loss %.4f, val accuracy %.4f, %.1f s, %.0f samples/s",
+            "epoch %d done: train loss %.4f, %s%.1f s, %.0f samples/s",
             row["epoch"],
             row["train_loss"],
-            val_loss,
-            val_accuracy,
+            "".join(f"{name.replace('_', ' ')} {value:.4f}, " for name, value in val.items()),
             seconds,
             row["samples_per_second"],
         )
         return row
 
-    def finish(self, state: TrainState, model: nn.Module, test: tuple[float, float], wall_s: float) -> dict[str, Any]:
+    def finish(self, state: TrainState, model: nn.Module, test: dict[str, float], wall_s: float) -> dict[str, Any]:
         """Write ``summary.json`` (rank 0) and close the rank log; returns the summary. Collective.
 
-        ``test`` is the test split's (loss, accuracy); ``wall_s`` the run's wall time.
+        ``test`` is the test split's figures (``test_loss``, ``test_<metric>``); ``wall_s`` the run's wall time.
         """
         summary = self._summarize(state, model, test, wall_s)
         times = self.run_times.sync_samples  # this rank's own sync distribution, for the report
@@ -238,10 +240,8 @@ class Progress:
         if self.dist_env.is_main:
             write_json(self.run_dir / "summary.json", summary)
         log.info(
-            "done: test accuracy %.4f, test loss %.4f, train %.1f s, %.0f samples/s, sync %.3f ms/batch, "
-            "peak RSS %.0f MB/rank",
-            summary["test_accuracy"],
-            summary["test_loss"],
+            "done: %strain %.1f s, %.0f samples/s, sync %.3f ms/batch, peak RSS %.0f MB/rank",
+            "".join(f"{name.replace('_', ' ')} {value:.4f}, " for name, value in test.items()),
             summary["train_seconds"],
             summary["samples_per_second"],
             summary["sync_ms_per_batch"],
@@ -249,7 +249,7 @@ class Progress:
         )
         return summary
 
-    def _summarize(self, state: TrainState, model: nn.Module, test: tuple[float, float], wall_s: float) -> dict:
+    def _summarize(self, state: TrainState, model: nn.Module, test: dict[str, float], wall_s: float) -> dict:
         env, times = self.dist_env, self.run_times
         means = [times.mean(n) for n in ("step_ms", "data_ms", "compute_ms", "sync_ms")]
         peak = peak_rss_mb()
@@ -261,7 +261,7 @@ class Progress:
         peak_max, p50, p95, peak_gpu_max = reduce_max(
             [peak, percentile(times.sync_samples, 50), percentile(times.sync_samples, 95), peak_gpu], self.device
         )
-        test_loss, test_accuracy = test
+        last = state.history[-1] if state.history else {}
         earlier = earlier_segments(self.run_dir)
         start = earlier[-1]["to_step"] if earlier else 0
         segment: dict[str, Any] = {"from_step": start, "to_step": state.global_step}
@@ -276,9 +276,8 @@ class Progress:
             "restarts": env.restart_count,
             "resumed_from_step": self.resumed_from_step,
             "skipped_nonfinite_steps": state.skipped_steps,
-            "test_accuracy": test_accuracy,
-            "test_loss": test_loss,
-            "val_accuracy": state.history[-1]["val_accuracy"] if state.history else None,
+            **test,
+            **{f"val_{name}": last.get(f"val_{name}") for name in self.figures},
             "train_seconds": state.train_seconds,
             "wall_seconds": wall_s,
             "samples_per_second": state.samples_trained / state.train_seconds if state.train_seconds else 0.0,

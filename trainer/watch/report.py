@@ -3,7 +3,7 @@
 Writes ``RUN_DIR/report.html`` (every image embedded as a base64 PNG, no script or style from
 the network, so it opens anywhere and can be mailed) and the same PNGs in ``RUN_DIR/report/``:
 
-- loss and accuracy per epoch (train, validation; test at the end) and the loss at every window;
+- loss and the task's first metric per epoch (train, validation; test at the end), the loss at every window;
 - throughput over the run;
 - each rank's step time split into data, compute and sync, and its sync time p50 and p95;
 - each rank's CPU % and resident memory over time;
@@ -31,6 +31,7 @@ from typing import Any
 
 from trainer.core.errors import UsageError
 from trainer.core.fileio import atomic_write_bytes, atomic_write_text
+from trainer.lifecycle.rundir import headline_figures
 from trainer.watch.machine import PLATFORM_FILE, render
 
 TIMINGS = ("data_ms", "compute_ms", "sync_ms")
@@ -159,23 +160,30 @@ def _mark_attempts(ax: Any, run: Run, on_time: bool) -> None:
         )
 
 
-def plot_epochs(run: Run, ax_loss: Any, ax_acc: Any) -> None:
+def first_metric(run: Run) -> str | None:
+    """The task's first metric besides the loss (``accuracy`` for MNIST), from the epoch rows."""
+    names = [k[4:] for k in (run.epochs[0] if run.epochs else {}) if k.startswith("val_") and k != "val_loss"]
+    return names[0] if names else None
+
+
+def plot_epochs(run: Run, ax_loss: Any, ax_metric: Any) -> None:
     from matplotlib.ticker import MaxNLocator
 
     epochs = [row["epoch"] for row in run.epochs]
-    ax_loss.plot(epochs, [row["train_loss"] for row in run.epochs], "o-", label="train")
-    ax_loss.plot(epochs, [row["val_loss"] for row in run.epochs], "s-", label="validation")
-    if all("train_accuracy" in row for row in run.epochs):  # runs recorded before it was logged lack it
-        ax_acc.plot(epochs, [row["train_accuracy"] for row in run.epochs], "o-", label="train")
-    ax_acc.plot(epochs, [row["val_accuracy"] for row in run.epochs], "s-", color="tab:orange", label="validation")
-    if run.summary and epochs:
-        ax_loss.plot([epochs[-1]], [run.summary["test_loss"]], "*", markersize=12, color="tab:green", label="test")
-        ax_acc.plot([epochs[-1]], [run.summary["test_accuracy"]], "*", markersize=12, color="tab:green", label="test")
-    for ax, name in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+    metric = first_metric(run)
+    panels = [(ax_loss, "loss"), *([(ax_metric, metric)] if metric else [])]
+    for ax, name in panels:
+        if all(f"train_{name}" in row for row in run.epochs):  # runs recorded before it was logged lack it
+            ax.plot(epochs, [row[f"train_{name}"] for row in run.epochs], "o-", label="train")
+        ax.plot(epochs, [row[f"val_{name}"] for row in run.epochs], "s-", color="tab:orange", label="validation")
+        if run.summary and epochs and isinstance(run.summary.get(f"test_{name}"), (int, float)):
+            ax.plot([epochs[-1]], [run.summary[f"test_{name}"]], "*", markersize=12, color="tab:green", label="test")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set(xlabel="epoch", ylabel=name, title=f"{name} per epoch")
         ax.legend()
         ax.grid(alpha=0.3)
+    if not metric:
+        ax_metric.set_axis_off()
 
 
 def plot_step_loss(run: Run, ax: Any) -> None:
@@ -298,7 +306,7 @@ pre { font-size: 0.8em; background: #f6f6f6; padding: 0.6em; overflow-x: auto; }
 </style>"""
 
 CAPTIONS = {
-    "epochs": "Loss and accuracy per epoch",
+    "epochs": "Loss and the task's metric per epoch",
     "step-loss": "Loss per window",
     "throughput": "Throughput",
     "step-time": "Step time per rank",
@@ -311,7 +319,7 @@ def page(run: Run, pngs: dict[str, bytes]) -> str:
     """The HTML of the report, images inline."""
     summary = run.summary
     headline = (
-        f"test accuracy {summary['test_accuracy']:.4f}, {summary['global_step']} steps at world size "
+        f"{headline_figures(summary)}, {summary['global_step']} steps at world size "
         f"{summary['world_size']}, {summary['samples_per_second']:.0f} samples/s, {summary['restarts']} restarts"
         if summary
         else "no summary.json: the run has not finished"

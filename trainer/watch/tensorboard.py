@@ -7,7 +7,7 @@ Every window of steps (the points where ``rank<r>.jsonl`` gets a record) adds, a
 - ``step_time/{step,data,compute,sync}_ms_{p50,p95}``: rank 0's percentiles over the window's steps;
 - ``cpu_percent/rank<r>`` and ``rss_mb/rank<r>``: each rank's latest process sample.
 
-Every epoch row adds ``epoch/{train_loss,train_accuracy,val_loss,val_accuracy,epoch_seconds}`` at the row's global step.
+Every epoch row adds ``epoch/{train_loss,val_loss,train_<metric>,val_<metric>,epoch_seconds}`` at the row's global step.
 
 A resumed or restarted run opens the writer with ``purge_step`` one past the step it resumed from:
 TensorBoard then drops what an earlier attempt wrote after that step (work that is redone), so the
@@ -28,7 +28,6 @@ from trainer.distributed.collectives import gather_floats
 from trainer.distributed.env import DistEnv
 
 TIMINGS = ("step_ms", "data_ms", "compute_ms", "sync_ms")
-EPOCH_SCALARS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "epoch_seconds")
 
 
 def require_tensorboard() -> None:
@@ -74,8 +73,9 @@ class TensorBoardLog:
         """Add an epoch's metrics row (as written to ``metrics.csv``)."""
         if self.writer is None:
             return
-        for name in EPOCH_SCALARS:
-            self.writer.add_scalar(f"epoch/{name}", row[name], row["global_step"])
+        for name, value in row.items():
+            if name.startswith(("train_", "val_")) or name == "epoch_seconds":
+                self.writer.add_scalar(f"epoch/{name}", value, row["global_step"])
         self.writer.flush()
 
     def close(self) -> None:
