@@ -20,6 +20,7 @@ from conftest import assert_ok, clean_env, run_process, run_trainer
 from trainer.core.config import TrainConfig
 from trainer.core.rng import capture_rng, restore_rng
 from trainer.lifecycle.checkpoint import (
+    FORMAT,
     CheckpointError,
     compatibility,
     list_checkpoints,
@@ -33,7 +34,7 @@ SMALL = ("--hidden", "64", "--batch-size", "64", "--log-every", "10", "--checkpo
 
 def payload(step: int, **extra: Any) -> dict[str, Any]:
     return {
-        "format": 1,
+        "format": FORMAT,
         "train_state": {"epoch": 0, "consumed": step * 10, "global_step": step},
         "world_size": 2,
         "weights": torch.arange(6, dtype=torch.float32) * step,
@@ -48,7 +49,7 @@ def code_running_checkpoint(path: Path, marker: Path) -> None:
         def __reduce__(self) -> tuple[Any, ...]:
             return (os.system, (f"touch {marker}",))
 
-    torch.save({"format": 1, "model": RunsCode()}, path)
+    torch.save({"format": FORMAT, "model": RunsCode()}, path)
     data = path.read_bytes()
     manifest = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "step": 0}
     path.with_suffix(".json").write_text(json.dumps(manifest))

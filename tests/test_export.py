@@ -15,7 +15,7 @@ import pytest
 from conftest import REPO, assert_ok, clean_env, read_summary, run_process, run_trainer
 
 from trainer.core.config import build_parser
-from trainer.lifecycle.checkpoint import BEST, LATEST, remove_all, save_checkpoint, set_aside_newer
+from trainer.lifecycle.checkpoint import BEST, FORMAT, LATEST, remove_all, save_checkpoint, set_aside_newer
 
 # 6,000 training images (--val-fraction 0.9) in batches of 500: 12 steps an epoch, 36 in all, a
 # checkpoint every 5 steps and at each epoch end, only the newest one kept besides the best.
@@ -26,7 +26,7 @@ MNIST = REPO / "trainer" / "tasks" / "mnist"
 
 
 def payload(step: int) -> dict[str, Any]:
-    return {"format": 1, "train_state": {"epoch": 0, "consumed": step, "global_step": step}, "world_size": 1}
+    return {"format": FORMAT, "train_state": {"epoch": 0, "consumed": step, "global_step": step}, "world_size": 1}
 
 
 def accuracy(value: float | None) -> dict[str, Any] | None:

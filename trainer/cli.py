@@ -23,7 +23,7 @@ from trainer.distributed.collectives import agree_on_step, agree_to_start, any_r
 from trainer.distributed.env import DistEnv, configure_threads, read_dist_env, resolve_backend, resolve_device
 from trainer.distributed.rendezvous import destroy_process_group, init_process_group
 from trainer.engine.loop import Trainer
-from trainer.lifecycle.checkpoint import FORMAT, check_writable, choose_checkpoint, compatibility, set_aside_newer
+from trainer.lifecycle.checkpoint import check_writable, choose_checkpoint, compatibility, set_aside_newer
 from trainer.lifecycle.guard import DIVERGED_EXIT_CODE, Diverged
 from trainer.lifecycle.rundir import check_run_dir, finished_run, prepare_run_dir, starts_fresh
 from trainer.lifecycle.runlock import RunLock
@@ -74,12 +74,7 @@ def pick_checkpoint(cfg: TrainConfig, task: Task, device: torch.device) -> tuple
         saved_task = chosen[1].get("task", chosen[1]["config"].get("task"))
         must_match = tuple(f.name for f in dataclasses.fields(task.Options) if f.metadata.get("must_match", True))
         refused, changed = compatibility(chosen[1]["config"], cfg, must_match)
-        if chosen[1].get("format") != FORMAT:
-            reason = (
-                f"checkpoint {chosen[0]} has format {chosen[1].get('format')!r}, this version reads {FORMAT}; "
-                "finish that run with the version that wrote it, or start over with --overwrite or a new --run-dir"
-            )
-        elif saved_task != task.name:
+        if saved_task != task.name:
             reason = (
                 f"checkpoint {chosen[0]} is of the task {saved_task!r}, not {task.name!r}; continue it with that task, "
                 "or start over with --overwrite or a new --run-dir"

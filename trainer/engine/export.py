@@ -96,7 +96,7 @@ def _write_weights(
         "step": state.global_step,
         "epochs_completed": state.epoch,
         **test,
-        **{name: (last[name] if at_end else None) for name in val_names(task)},
+        **{name: (last.get(name) if at_end else None) for name in val_names(task)},
     }
     best = _write_best(run_dir, cfg, task, model, state, splits)
     metadata = task.export_metadata(model)

@@ -245,8 +245,13 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} was refused by the safe loader (weights_only=True): {first}") from None
     except Exception as exc:  # torch raises RuntimeError/EOFError/... for bytes that are not a checkpoint
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc})") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+    if not isinstance(payload, dict) or "format" not in payload:
         raise CheckpointError(f"{path} is not a checkpoint of this trainer (format {FORMAT})")
+    if payload["format"] != FORMAT:
+        raise CheckpointError(
+            f"{path} has checkpoint format {payload['format']!r}, this version of trainer reads {FORMAT}; "
+            "finish its run with the version that wrote it"
+        )
     return payload
 
 
