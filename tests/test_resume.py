@@ -136,10 +136,12 @@ def replay_one_process(payload: dict[str, Any], steps: int, batch: int) -> dict[
     order, mean cross-entropy, backward, the optimiser's step; one intra-op thread.
     """
     cfg = TrainConfig.from_dict(payload["config"])
-    model, threads = default_model(cfg.seed), torch.get_num_threads()
+    model = default_model(cfg.seed, tuple(cfg.task_options["hidden"]))
+    threads = torch.get_num_threads()
     model.load_state_dict(payload["model"])
     optimizer = build_optimizer(cfg, model)
     optimizer.load_state_dict(payload["optimizer"])
+    assert cfg.task_options["val_fraction"] == 0.2  # the split default_data makes
     data = default_data(cfg.seed, torch.device("cpu"))
     position = payload["train_state"]["consumed"]
     order = epoch_permutation(len(data.train_x), cfg.seed, payload["train_state"]["epoch"])

@@ -269,3 +269,40 @@ def test_the_task_options_show_in_help() -> None:
     result = run_trainer(["--task", CNN, "--help"])
     assert_ok(result)
     assert "options of the task mnist-cnn" in result.stdout and "--channels" in result.stdout
+
+
+# -- a task that breaks a sync's assumptions ----------------------------------------------------
+# Frozen, unused and tied parameters, a BatchNorm buffer, two parameter groups, dropout and a
+# map-style training split that augments from the global generator (tests/tasks/adversarial.py).
+# 2400 training samples at 2 x 50 a step: 24 steps an epoch, 48 in all.
+ADVERSARIAL = ("--task", "tests/tasks/adversarial.py:Task", "--batch-size", "50", "--epochs", "2")
+ADVERSARIAL += ("--log-every", "8", "--checkpoint-every", "12")
+
+
+@pytest.fixture(scope="module")
+def adversarial_auto(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    run_dir = tmp_path_factory.mktemp("adversarial") / "auto"
+    result = run_torchrun(2, [*ADVERSARIAL, "--run-dir", str(run_dir)], timeout=300)
+    assert_ok(result)
+    return {"dir": run_dir, "summary": read_summary(run_dir), "log": result.stderr}
+
+
+def test_adversarial_task_under_the_default_sync_ends_with_gloos_weights(
+    tmp_path: Path, adversarial_auto: dict[str, Any]
+) -> None:
+    run_dir = tmp_path / "gloo"
+    assert_ok(run_torchrun(2, [*ADVERSARIAL, "--comm", "gloo", "--run-dir", str(run_dir)], timeout=300))
+    assert read_summary(run_dir)["params_sha256"] == adversarial_auto["summary"]["params_sha256"]
+    assert metrics_rows(run_dir) == metrics_rows(adversarial_auto["dir"])
+
+
+def test_adversarial_task_stopped_and_continued_ends_where_the_uninterrupted_run_does(
+    tmp_path: Path, adversarial_auto: dict[str, Any]
+) -> None:
+    run_dir = tmp_path / "run"
+    assert_ok(run_torchrun(2, [*ADVERSARIAL, "--max-steps", "18", "--run-dir", str(run_dir)], timeout=300))
+    assert_ok(run_torchrun(2, [*ADVERSARIAL, "--run-dir", str(run_dir)], timeout=300))
+    summary = read_summary(run_dir)
+    assert summary["continued_from_step"] == 18
+    assert summary["params_sha256"] == adversarial_auto["summary"]["params_sha256"]
+    assert metrics_rows(run_dir) == metrics_rows(adversarial_auto["dir"])

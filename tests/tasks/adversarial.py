@@ -2,7 +2,8 @@
 
 Its model has a frozen parameter, a parameter no forward pass uses, a weight tied between the
 input embedding and the output projection, a BatchNorm buffer and dropout; its optimiser has two
-parameter groups (weight decay on the 2-D weights only).
+parameter groups (weight decay on the 2-D weights only). Its training split is a map-style
+dataset whose ``__getitem__`` augments each sample from torch's global generator.
 """
 
 from __future__ import annotations
@@ -35,6 +36,21 @@ class Model(nn.Module):
         return self.head(x)
 
 
+class Augmented(torch.utils.data.Dataset):
+    """Token sequences whose one random position is replaced by a random token, a fresh draw each time."""
+
+    def __init__(self, tokens: torch.Tensor, labels: torch.Tensor) -> None:
+        self.tokens, self.labels = tokens, labels
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.tokens[index].clone()
+        tokens[torch.randint(0, TOKENS, ()).item()] = torch.randint(0, CLASSES, ())
+        return tokens, self.labels[index]
+
+
 class Task(trainer.Task):
     name = "adversarial"
     metrics = ("accuracy",)
@@ -47,7 +63,7 @@ class Task(trainer.Task):
         tokens = torch.randint(0, CLASSES, (3000, TOKENS), generator=generator)
         labels = tokens.sum(dim=1) % CLASSES
         return trainer.Splits(
-            train=trainer.TensorSplit(tokens[:2400], labels[:2400], device=device),
+            train=trainer.DatasetSplit(Augmented(tokens[:2400], labels[:2400]), device=device),
             val=trainer.TensorSplit(tokens[2400:], labels[2400:], device=device),
         )
 

@@ -55,6 +55,12 @@ def use_cuda_graph(cfg: TrainConfig, device: torch.device, world_size: int, spli
     the device), ``on`` or an error."""
     capturable = bool(getattr(split, "capturable", False))
     possible = device.type == "cuda" and world_size == 1 and capturable
+    if cfg.cuda_graph == "auto" and device.type == "cuda" and world_size == 1 and not capturable:
+        log.info(
+            "training step not captured in a CUDA graph: the task's training split (%s) collates its batches on "
+            "the host; a TensorSplit gathers them on the device and can be captured",
+            type(split).__name__,
+        )
     if cfg.cuda_graph == "on" and not possible:
         raise UsageError(
             f"--cuda-graph on needs one process on a CUDA device and a training split whose batches are "
