@@ -55,7 +55,8 @@ def torchrun_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subpro
 def test_torchrun_writes_every_output(torchrun_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
     run_dir, _ = torchrun_run
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["max_steps"] == 60 and config["hidden"] == [512, 256]
+    assert config["max_steps"] == 60 and config["task"] == "mnist-mlp"
+    assert config["task_options"]["hidden"] == [512, 256]
     summary = read_summary(run_dir)
     assert set(summary) >= SUMMARY_KEYS
     assert summary["world_size"] == 2 and summary["global_step"] == 60
