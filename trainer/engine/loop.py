@@ -49,6 +49,7 @@ class Trainer:
                 f"exceeds the {len(data.train_x)} training samples; use a smaller --batch-size or --global-batch-size"
             )
         self.model = build_model(cfg).to(device)
+        self.optimizer = build_optimizer(cfg, self.model)
         # What the step calls: the model itself, or DDP around it; ``comm`` syncs and times the gradients.
         not_shared = recipe_reason(cfg)
         self.forward, self.comm = wrap_model(
@@ -59,10 +60,10 @@ class Trainer:
             cfg.timeout,
             warmup_steps=cfg.comm_warmup_steps,
             share_step=not_shared is None,
+            optimizer=self.optimizer,
         )
         if not_shared and self.comm is not None and self.comm.option == "shm":
             log.info("optimiser step not shared between ranks: %s", not_shared)
-        self.optimizer = build_optimizer(cfg, self.model)
         # One process on CUDA: the step is captured in a CUDA graph after a few eager steps.
         self.graphed = (
             GraphedStep(self.model, self.optimizer, data.train_x, data.train_y, self.batch_size, cfg.clip_grad_norm)
@@ -103,7 +104,10 @@ class Trainer:
         self.backward(loss)
         if self.step_is_finite(loss):
             if self.cfg.clip_grad_norm is not None:  # the synced gradients: every rank clips the same
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad_norm)
+                if self.comm is not None:  # under the shared step each rank clips its chunk
+                    self.comm.clip_grad_norm_(self.cfg.clip_grad_norm)
+                else:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad_norm)
             self.update()
         else:  # the skipped step adds nothing to the epoch's loss and accuracy
             loss, correct = torch.zeros_like(loss), torch.zeros_like(correct)
