@@ -20,6 +20,11 @@ several test hosts (tests/test_multinode.py), where the test recomputes the sums
 steps through ``Comm.step`` beside DDP over gloo with its own SGD, same batches; whether a write
 by rank 1 into a weight or a momentum reaches rank 0 (the one shared copy) before and after
 ``Comm.close``; the weights and momentum before and after closing; the sync's verdicts.
+``adversarial OUT``: the model and recipes of ``tests/adversarial.py`` (frozen, unused, partly used and
+tied parameters, a BatchNorm buffer, two parameter groups, dropout; SGD, AdamW with clipping and
+accumulation through ``Comm.no_sync``, fused Adam with AMSGrad) under ``shm`` with and without the
+shared step, ``hierarchical`` and ``gloo``, each beside DDP over gloo with the same optimiser; and
+the model with two Parameters on one storage, where the shared step is asked for and declines.
 ``cuda OUT``: over nccl, one GPU per rank: this rank's local gradients and, for each option that
 runs on CUDA, the synchronised gradients and the sync time read, saved to ``OUT/rank<r>.pt``.
 """
@@ -39,11 +44,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from tests import adversarial as adv
 from trainer.core.config import COMM_OPTIONS, TrainConfig
 from trainer.core.optim import build_optimizer
 from trainer.sync import hierarchy, shm
 from trainer.sync.comm import Comm, wrap_model
-from trainer.sync.shared_step import SharedStep
+from trainer.sync.shared_step import SharedStep, shared_reason
 from trainer.tasks.mnist_mlp import default_model
 
 WARMUP = 2  # exact steps before PowerSGD / local SGD change the arithmetic
@@ -298,10 +304,10 @@ def probes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str
 def shared(out: Path) -> None:
     rank, cfg, cpu = dist.get_rank(), TrainConfig(), torch.device("cpu")
     model, reference = default_model(cfg.seed), default_model(cfg.seed)
-    forward, comm = wrap_model(model, cpu, True, "auto", timeout_s=60, share_step=True)
+    optimizer, reference_optimizer = build_optimizer(cfg, model), build_optimizer(cfg, reference)
+    forward, comm = wrap_model(model, cpu, True, "auto", timeout_s=60, share_step=True, optimizer=optimizer)
     assert comm is not None and isinstance(comm.shm_sync, SharedStep)
     reference_ddp = DistributedDataParallel(reference)
-    optimizer, reference_optimizer = build_optimizer(cfg, model), build_optimizer(cfg, reference)
     for step in range(STEPS):
         inputs, targets = batch(rank, step)
         model.zero_grad(set_to_none=True)
@@ -323,6 +329,101 @@ def shared(out: Path) -> None:
     results["closed_weights"] = [p.detach().clone() for p in model.parameters()]
     results["closed_momentum"] = [optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()]
     torch.save(results, out / f"rank{rank}.pt")
+
+
+ADVERSARIAL_OPTIONS = {  # name: (--comm option, share the step)
+    "shm": ("shm", False),
+    "shared": ("shm", True),
+    "hierarchical": ("hierarchical", False),
+    "gloo": ("gloo", False),
+}
+
+
+def adversarial(out: Path) -> None:
+    """Every exact option and recipe of ``tests/adversarial.py`` against DDP over gloo (with
+    ``find_unused_parameters``, as the model needs) and the recipe's own optimiser, clipping and
+    ``no_sync``; then the storage-tied model, for which the shared step is asked and declined."""
+    torch.set_num_threads(2)  # intra-op worker threads write the shared memory too
+    rank, cpu = dist.get_rank(), torch.device("cpu")
+    initial = adv.Adversarial(seed=rank)
+    results: dict[str, object] = {"initial": adv.snapshot(initial, adv.sgd(initial))}
+    for recipe, make_optimizer, max_norm, micro_steps in adv.RECIPES:
+        reference = adv.Adversarial(seed=rank)
+        ddp = DistributedDataParallel(reference, find_unused_parameters=True, gradient_as_bucket_view=True)
+        ref_optimizer = make_optimizer(reference)
+        norms = adv.train(
+            reference,
+            ddp,
+            ref_optimizer,
+            rank,
+            lambda m, model=reference: torch.nn.utils.clip_grad_norm_(model.parameters(), m),
+            max_norm,
+            micro_steps,
+            ddp.no_sync,
+            ref_optimizer.step,
+        )
+        results[f"{recipe}:reference"] = {**adv.snapshot(reference, ref_optimizer), "norms": norms}
+        for name, (option, share) in ADVERSARIAL_OPTIONS.items():
+            model = adv.Adversarial(seed=rank)
+            optimizer = make_optimizer(model)
+            forward, comm = wrap_model(
+                model,
+                cpu,
+                True,
+                option,
+                timeout_s=60,
+                share_step=share,
+                optimizer=optimizer,
+                find_unused_parameters=True,
+            )
+            assert comm is not None
+            norms = adv.train(
+                model,
+                forward,
+                optimizer,
+                rank,
+                comm.clip_grad_norm_,
+                max_norm,
+                micro_steps,
+                comm.no_sync,
+                lambda comm=comm, optimizer=optimizer: comm.step(optimizer),
+            )
+            results[f"{recipe}:{name}"] = {
+                **adv.snapshot(model, optimizer),
+                "norms": norms,
+                "resolved": comm.option,
+                "shared": isinstance(comm.shm_sync, SharedStep),
+            }
+            comm.close()
+    results["tied"] = storage_tied(rank)
+    torch.save(results, out / f"rank{rank}.pt")
+
+
+def storage_tied(rank: int) -> dict[str, object]:
+    """The model with two Parameters on one storage, the shared step asked for: the reason it declines,
+    and the run beside DDP's."""
+    runs: dict[str, object] = {}
+    for name in ("reference", "auto"):
+        model = adv.Adversarial(seed=rank, storage_tie=True)
+        optimizer = adv.sgd(model)
+        if name == "reference":
+            forward = DistributedDataParallel(model, find_unused_parameters=True, gradient_as_bucket_view=True)
+            no_sync, step = forward.no_sync, optimizer.step
+            comm = None
+        else:
+            runs["reason"] = shared_reason(model, optimizer)
+            forward, comm = wrap_model(
+                model, torch.device("cpu"), True, "auto", timeout_s=60, share_step=True, optimizer=optimizer
+            )
+            assert comm is not None
+            no_sync, step = comm.no_sync, (lambda comm=comm, optimizer=optimizer: comm.step(optimizer))
+            runs["shared"] = isinstance(comm.shm_sync, SharedStep)
+            runs["resolved"] = comm.option
+        adv.train(model, forward, optimizer, rank, None, None, 1, no_sync, step)
+        runs[name] = adv.snapshot(model, optimizer)
+        if comm is not None:
+            comm.close()
+    return runs
 
 
 def cuda(out: Path) -> None:
@@ -357,6 +458,8 @@ def main() -> None:
             steps(out)
         elif mode == "shared":
             shared(out)
+        elif mode == "adversarial":
+            adversarial(out)
         elif mode == "wait":
             wait(out)
         elif mode == "hierarchical":

@@ -32,6 +32,8 @@ import psutil
 import pytest
 import torch
 
+from tests import adversarial as adv
+from tests.comm_worker import ADVERSARIAL_OPTIONS
 from tests.conftest import REPO, assert_ok, clean_env, free_port, run_process
 from trainer.core.config import COMM_OPTIONS
 from trainer.distributed.jobs import torchrun_command
@@ -40,6 +42,7 @@ from trainer.sync.comm import choose_comm
 
 WORKER = "tests.comm_worker"  # a module, as torchrun_command starts it
 WARMUP = 2  # matches comm_worker.WARMUP: passes 0 and 1 are exact for every option, pass 2 is not
+WORLD3_MAX_ABS_DIFF = 1e-6  # the adversarial model after its steps at world size 3, against DDP (module docstring)
 
 
 def shm_entries() -> set[str]:
@@ -47,12 +50,12 @@ def shm_entries() -> set[str]:
     return {p.name for p in shm.SHM_DIR.glob(f"{shm.LEGACY_PREFIX}*")} if shm.SHM_DIR.is_dir() else set()
 
 
-def run_worker(mode: str, tmp_path: Path, nproc: int, gpu: bool = False) -> None:
+def run_worker(mode: str, tmp_path: Path, nproc: int, gpu: bool = False, timeout: float = 120) -> None:
     """``comm_worker.py MODE`` under torchrun (GPUs visible if ``gpu``); it must succeed and leave no
     shared memory behind."""
     before = shm_entries()
     cmd = torchrun_command(nproc, WORKER, [mode, str(tmp_path)])
-    assert_ok(run_process(cmd, clean_env(gpu), timeout=120))
+    assert_ok(run_process(cmd, clean_env(gpu), timeout=timeout))
     assert shm_entries() - before == set(), "shared memory left behind"
 
 
@@ -196,6 +199,102 @@ def test_the_shared_step_tells_every_rank_of_a_nonfinite_gradient_or_loss(shared
     reads as not finite on every rank, and the passes around them as finite."""
     for rank in shared_steps:
         assert rank["verdicts"] == [True, False, True, False, True]
+
+
+@pytest.fixture(scope="module", params=[2, 3])
+def adversarial(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """Every rank's record of the ``adversarial`` mode (tests/adversarial.py) at world size 2 and 3."""
+    out = tmp_path_factory.mktemp(f"adversarial{request.param}")
+    run_worker("adversarial", out, request.param, timeout=300)
+    return [torch.load(out / f"rank{r}.pt") for r in range(request.param)]
+
+
+ADVERSARIAL_RUNS = [f"{recipe}:{option}" for recipe, *_ in adv.RECIPES for option in ADVERSARIAL_OPTIONS]
+BUFFERS = ("norm.running_mean", "norm.running_var")  # each rank's own update of rank 0's, as under DDP
+
+
+def assert_close(got: dict, want: dict, what: str) -> None:
+    """World size 3: within float32 summation order of DDP's (``WORLD3_MAX_ABS_DIFF``)."""
+    for key, tensor in got.items():
+        if isinstance(tensor, dict):
+            assert_close(tensor, want[key], f"{what} {key}")
+        elif tensor.is_floating_point():
+            worst = float((tensor - want[key]).abs().max())
+            assert worst <= WORLD3_MAX_ABS_DIFF, f"{what} {key} differs from DDP's by {worst:.3g}"
+        else:
+            assert torch.equal(tensor, want[key]), f"{what} {key} differs from DDP's"
+
+
+@pytest.mark.parametrize("run", ADVERSARIAL_RUNS)
+def test_any_model_trains_as_under_ddp(adversarial: list[dict], run: str) -> None:
+    """Frozen, unused, partly used and tied parameters, BatchNorm buffers, two parameter groups and
+    dropout, under every exact option (``shm`` with and without the shared step, ``hierarchical``,
+    ``gloo``) and recipe (SGD; AdamW with clipping and accumulation through ``Comm.no_sync``; fused
+    Adam with AMSGrad): the weights, buffers, optimiser state and clipped norms of DDP over gloo
+    with the same optimiser, bit for bit at world size 2; at 3, within float32 summation order, and
+    every rank holds the same weights. Where a rank holds the averaged gradient (all but the shared
+    step), its ``.grad`` is None exactly where DDP leaves it None."""
+    recipe, option = run.split(":")
+    for rank in adversarial:
+        got, want = rank[run], rank[f"{recipe}:reference"]
+        assert got["resolved"] == ADVERSARIAL_OPTIONS[option][0]
+        assert got["shared"] == ADVERSARIAL_OPTIONS[option][1], "the shared step did not run where asked"
+        assert got["optimizer"].keys() == want["optimizer"].keys(), "state for parameters DDP's optimiser left alone"
+        assert len(got["norms"]) == len(want["norms"])
+        if not got["shared"]:
+            assert got["grad_none"] == want["grad_none"]
+        if len(adversarial) == 2:
+            for part in ("model", "optimizer"):
+                for key, tensors in got[part].items():
+                    assert_equal_tree(tensors, want[part][key], f"{part} {key}")
+            assert all(torch.equal(a, b) for a, b in zip(got["norms"], want["norms"], strict=True)), "norms differ"
+        else:
+            assert_close(got["model"], want["model"], "model")
+            assert_close(got["optimizer"], want["optimizer"], "optimiser")
+            for key, tensor in got["model"].items():
+                if key not in BUFFERS:
+                    assert torch.equal(tensor, adversarial[0][run]["model"][key]), f"replicas differ in {key}"
+
+
+def assert_equal_tree(got: object, want: object, what: str) -> None:
+    if isinstance(got, dict):
+        assert isinstance(want, dict) and got.keys() == want.keys(), what
+        for key in got:
+            assert_equal_tree(got[key], want[key], f"{what} {key}")
+    else:
+        assert isinstance(got, torch.Tensor) and isinstance(want, torch.Tensor)
+        assert torch.equal(got, want), f"{what} differs from DDP's"
+
+
+def test_unused_and_frozen_parameters_keep_rank_0s_values(adversarial: list[dict]) -> None:
+    """The layer no rank uses ends with rank 0's initial weights, no optimiser state and no .grad on
+    every rank under every option (weight decay and momentum never moved it); the frozen layer with
+    rank 0's initial weights (broadcast at set-up, never stepped), although every rank built its own."""
+    initial = adversarial[0]["initial"]["model"]
+    assert not torch.equal(initial["frozen.weight"], adversarial[1]["initial"]["model"]["frozen.weight"])
+    for rank in adversarial:
+        for run in ADVERSARIAL_RUNS:
+            for key in ("unused.weight", "unused.bias", "frozen.weight", "frozen.bias"):
+                assert torch.equal(rank[run]["model"][key], initial[key]), f"{run}: {key} moved"
+            assert not {"unused.weight", "unused.bias"} & set(rank[run]["optimizer"]), (
+                f"{run}: state for the unused layer"
+            )
+            assert rank[run]["grad_none"]["unused.weight"], f"{run}: a .grad for the unused layer"
+
+
+def test_the_shared_step_declines_weights_tied_through_one_storage(adversarial: list[dict]) -> None:
+    """Two Parameters viewing one storage: the shared step names why it does not run, the unshared
+    sync runs instead, the tie holds, and the weights are DDP's (bit for bit at world size 2)."""
+    for rank in adversarial:
+        tied = rank["tied"]
+        assert "alias and hidden.weight share one storage" in tied["reason"]
+        assert tied["resolved"] == "shm" and not tied["shared"]
+        assert tied["auto"]["still_tied"] and tied["reference"]["still_tied"]
+        if len(adversarial) == 2:
+            for key, tensor in tied["auto"]["model"].items():
+                assert torch.equal(tensor, tied["reference"]["model"][key]), key
+        else:
+            assert_close(tied["auto"]["model"], tied["reference"]["model"], "model")
 
 
 @pytest.mark.parametrize(("option", "rtol", "atol"), [("bf16", 2**-7, 0.0), ("fp16", 2**-10, 2**-23)])

@@ -169,14 +169,27 @@ def test_the_shared_step_gives_the_weights_of_every_rank_stepping_alone(
         assert read_summary(runs["shared"][0])["params_sha256"] == read_summary(runs["gloo"][0])["params_sha256"]
 
 
-def test_adam_steps_on_every_rank_and_says_why(tmp_path: Path) -> None:
-    """A recipe the shared step does not cover runs the unshared sync, and the log names the reason."""
-    run_dir = tmp_path / "adam"
-    args = [*ARGS, "--max-steps", "10", "--optimizer", "adam", "--run-dir", str(run_dir)]
-    result = run_torchrun(2, args, timeout=300)
-    assert_ok(result)
-    assert "optimiser step not shared between ranks: --optimizer adam" in result.stderr
-    assert SHARED not in result.stderr
+def test_adam_with_clipping_shared_gives_the_weights_of_every_rank_stepping_alone(tmp_path: Path) -> None:
+    """Adam with --clip-grad-norm under the shared step (each rank steps its chunk of the weights and
+    of both moments, the norm from every parameter's norm exchanged through the shared memory): the
+    checkpoint's weights, moments and step counts are those of ``--shared-step off``, bit for bit,
+    and the weights gloo's."""
+    common = [*ARGS, "--max-steps", "10", "--checkpoint-every", "10", "--optimizer", "adam", "--clip-grad-norm", "0.1"]
+    runs = {}
+    for name, extra in [("shared", ()), ("unshared", UNSHARED), ("gloo", ("--comm", "gloo"))]:
+        result = run_torchrun(2, [*common, *extra, "--run-dir", str(tmp_path / name)], timeout=300)
+        assert_ok(result)
+        runs[name] = torch.load(tmp_path / name / "checkpoints" / f"step-{10:08d}.pt", weights_only=True)
+        if name == "shared":
+            assert SHARED in result.stderr
+    shared, unshared = runs["shared"], runs["unshared"]
+    for name, tensor in shared["model"].items():
+        assert torch.equal(tensor, unshared["model"][name]), f"{name} differs"
+        assert torch.equal(tensor, runs["gloo"]["model"][name]), f"{name} differs from gloo's"
+    assert shared["optimizer"]["state"].keys() == unshared["optimizer"]["state"].keys()
+    for index, state in shared["optimizer"]["state"].items():
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(state[key], unshared["optimizer"]["state"][index][key]), f"{key} {index} differs"
 
 
 def test_a_setup_failure_of_the_shared_step_sends_every_rank_to_gloo(tmp_path: Path) -> None:

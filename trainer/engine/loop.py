@@ -56,7 +56,7 @@ class Trainer:
         seed_rank(cfg.seed, dist_env.rank)
         self.optimizer = task.build_optimizer(self.model, cfg)
         # What the step calls: the model itself, or DDP around it; ``comm`` syncs and times the gradients.
-        not_shared = recipe_reason(cfg, self.optimizer)
+        not_shared = recipe_reason(cfg)
         self.forward, self.comm = wrap_model(
             self.model,
             device,
@@ -65,6 +65,7 @@ class Trainer:
             cfg.timeout,
             warmup_steps=cfg.comm_warmup_steps,
             share_step=not_shared is None,
+            optimizer=self.optimizer,
         )
         if not_shared and self.comm is not None and self.comm.option == "shm":
             log.info("optimiser step not shared between ranks: %s", not_shared)
@@ -108,7 +109,10 @@ class Trainer:
         self.backward(loss)
         if self.step_is_finite(loss):
             if self.cfg.clip_grad_norm is not None:  # the synced gradients: every rank clips the same
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad_norm)
+                if self.comm is not None:  # under the shared step each rank clips its chunk
+                    self.comm.clip_grad_norm_(self.cfg.clip_grad_norm)
+                else:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad_norm)
             self.update()
         else:  # the skipped step adds nothing to the epoch's loss and metrics
             figures = torch.zeros_like(figures)

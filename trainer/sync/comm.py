@@ -28,10 +28,11 @@ Options (``--comm``):
 """
 
 # No `from __future__ import annotations` here: DDP checks the hook's annotations at runtime.
+import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -44,10 +45,10 @@ from torch.nn.parallel import DistributedDataParallel
 from trainer.core.clock import device_clock
 from trainer.core.config import COMM_OPTIONS
 from trainer.core.rng import numpy_rng_from_plain, numpy_rng_to_plain
-from trainer.sync import hierarchy, shm
+from trainer.sync import buffers, hierarchy, shm
 from trainer.sync.after_backward import AfterBackward
 from trainer.sync.powersgd_state import PowerSGDMemory
-from trainer.sync.shared_step import SharedStep, open_shared_step
+from trainer.sync.shared_step import SharedStep, open_shared_step, shared_reason
 from trainer.sync.timer import Hook, SyncTimer
 
 log = logging.getLogger(__name__)
@@ -74,32 +75,54 @@ class ShmGradientSync:
     the shared result into it. So user code may do anything to ``.grad`` after the sync (clip it,
     zero it, unscale it, accumulate into it over several backward passes) without touching a
     peer's gradients. Construction is local; ``start_shm_sync`` agrees on it and broadcasts the weights.
+
+    As DDP with ``find_unused_parameters`` leaves them: a parameter without a gradient on this
+    rank contributes zeros, and gets the average where some rank had one; where no rank had one,
+    its ``.grad`` stays None (so the optimiser skips it). One number per parameter rides along at
+    the end of the vector (1 where the rank's ``.grad`` is set) to tell. Buffers follow rank 0's as
+    under DDP (``trainer.sync.buffers``).
     """
 
     def __init__(
-        self, model: nn.Module, reducer: shm.ShmAllreduce | hierarchy.HierarchicalAllreduce, timer: "SyncTimer"
+        self,
+        model: nn.Module,
+        reducer: shm.ShmAllreduce | hierarchy.HierarchicalAllreduce,
+        timer: "SyncTimer",
+        buffer_keeper: "buffers.BufferMirror | buffers.BufferBroadcast | None" = None,
     ) -> None:
-        self.reducer, self.timer = reducer, timer
+        self.reducer, self.timer, self.buffers = reducer, timer, buffer_keeper
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.flat = torch.zeros(sum(p.numel() for p in self.params))
+        numel = sum(p.numel() for p in self.params)
+        self.flat = torch.zeros(numel + len(self.params))
         sizes = [p.numel() for p in self.params]
-        self.views = [view.view_as(p) for view, p in zip(self.flat.split(sizes), self.params, strict=True)]
+        self.views = [view.view_as(p) for view, p in zip(self.flat[:numel].split(sizes), self.params, strict=True)]
+        self._present = self.flat[numel:]  # after a sync: > 0 where some rank had the gradient
+        self._local = torch.zeros(len(self.params))  # 1 where this rank has it, at each sync
+        self._local_np = self._local.numpy()
         # Whether the reducer can tell if a sync's result is finite (one host's shared memory can; the
         # hierarchical sync cannot); then ``finite`` is the last sync's verdict, which also covers every
         # rank's ``loss_finite`` (set before the backward pass). The guard reads it: trainer/lifecycle/guard.py.
         self.tells_finite = isinstance(reducer, shm.ShmAllreduce)
         self.loss_finite = True
         self.finite: bool | None = None
+        self.accumulating = False  # ``Comm.no_sync``: the backward passes only accumulate locally
         self._after_backward = AfterBackward(self.params, self._sync)
 
     def _sync(self) -> None:
+        if self.accumulating:
+            return  # ``.grad`` keeps accumulating; the backward pass after ``no_sync`` sends the sum
         started = time.perf_counter()
-        grads = []
-        for p, view in zip(self.params, self.views, strict=True):
+        grads, missing = [], False
+        for i, (p, view) in enumerate(zip(self.params, self.views, strict=True)):
             if p.grad is None:
-                grads.append(view.zero_())  # not used this pass: contributes zero, as in DDP
+                grads.append(view.zero_())  # no gradient on this rank: contributes zero, as in DDP
+                self._local_np[i], missing = 0.0, True
             else:
                 grads.append(p.grad.contiguous())  # a fresh tensor, or ``view`` accumulated into
+                self._local_np[i] = 1.0
+        grads.append(self._local)
+        if self.buffers is not None:
+            self.buffers.exchanged()  # rank 0's buffers, before phase 1 announces them
         if isinstance(self.reducer, shm.ShmAllreduce):  # ``tells_finite``, narrowed for the type checker
             self.finite = self.reducer.allreduce(
                 grads, self.flat, self.reducer.world_size, check_finite=True, local_finite=self.loss_finite
@@ -107,13 +130,17 @@ class ShmGradientSync:
             self.loss_finite = True  # until the trainer says otherwise before the next backward pass
         else:
             self.reducer.allreduce(grads, self.flat, divide_by=self.reducer.world_size)
-        for p, view in zip(self.params, self.views, strict=True):
-            if p.grad is not view:
+        present = (self._present > 0).tolist() if missing else None
+        for i, (p, view) in enumerate(zip(self.params, self.views, strict=True)):
+            # A parameter no rank had a gradient for keeps .grad None, as DDP leaves it.
+            if p.grad is not view and (present is None or p.grad is not None or present[i]):
                 p.grad = view
         self.timer.add_ms((time.perf_counter() - started) * 1e3)
 
     def close(self) -> None:
         self._after_backward.remove()
+        if self.buffers is not None:
+            self.buffers.close()
         self.reducer.close()
 
 
@@ -125,8 +152,16 @@ class Comm:
     (``averager``).
     """
 
-    def __init__(self, option: str, timer: SyncTimer, clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(
+        self,
+        option: str,
+        timer: SyncTimer,
+        clock: Callable[[], float] = time.perf_counter,
+        model: nn.Module | None = None,
+    ) -> None:
         self.option = option
+        self.model = model  # the bare model whose gradients this syncs
+        self.ddp: DistributedDataParallel | None = None  # the DDP options' wrapper
         self.timer = timer
         self.clock = clock  # trainer.core.clock.device_clock: on CUDA it waits for the averaging to run
         # The shared-memory sync; a ``SharedStep`` also runs the optimiser step (``step``).
@@ -143,6 +178,38 @@ class Comm:
         """Whether the gradients of the last sync are all finite, where the sync found out on its way
         (shared memory on one host: each rank checks the chunk it reduced); None where it did not."""
         return self.shm_sync.finite if self.shm_sync is not None else None
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backward passes inside exchange no gradients: each rank's ``.grad`` accumulates locally, and
+        the first backward pass after the block exchanges the accumulated sum (gradient accumulation:
+        every micro-step but the last inside it). DDP's ``no_sync`` under the DDP options; under
+        shared memory the sync skips its exchange. The same numbers as DDP accumulating."""
+        if self.ddp is not None:
+            with self.ddp.no_sync():
+                yield
+            return
+        sync = self.shm_sync
+        if sync is None:
+            yield
+            return
+        sync.accumulating = True
+        try:
+            yield
+        finally:
+            sync.accumulating = False
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Clip the synced gradients' global L2 norm to ``max_norm``; returns the norm before clipping,
+        the same on every rank. Call on every rank after the backward pass that synced, before ``step``.
+
+        ``torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)`` where each rank holds the
+        whole average; under the shared step, the same arithmetic on the chunks (each parameter's norm
+        computed once, exchanged through the shared memory), with the same bits."""
+        if isinstance(self.shm_sync, SharedStep):
+            return self.shm_sync.clip_grad_norm_(max_norm)
+        assert self.model is not None
+        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         """The optimiser step on the synced gradients: under a ``SharedStep`` each rank updates its own
@@ -254,7 +321,7 @@ def resolve_comm(
     if requested in SHARED_MEMORY:
         try:
             dtypes = {p.dtype for p in model.parameters() if p.requires_grad}
-            reason = shm.local_reason(device, dtypes, rank=rank)
+            reason = shm.local_reason(device, dtypes, rank=rank) or sparse_reason(model)
             removed = shm.remove_leftovers()
             if removed:
                 log.info("removed shared memory left by dead processes: %s", ", ".join(removed))
@@ -265,6 +332,14 @@ def resolve_comm(
     hosts = hierarchy.host_groups([key for key, _ in verdicts])
     option, why = choose_comm(requested, verdicts, hosts)
     return option, why, hosts
+
+
+def sparse_reason(model: nn.Module) -> str | None:
+    """Sparse gradients (``nn.Embedding(sparse=True)``) do not lay end to end in a float32 vector; DDP handles them."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding | nn.EmbeddingBag) and module.sparse:
+            return f"{name or 'the model'} makes sparse gradients"
+    return None
 
 
 def choose_comm(requested: str, verdicts: list[tuple[str, str | None]], hosts: list[list[int]]) -> tuple[str, str]:
@@ -295,29 +370,34 @@ def start_shm_sync(
     timeout_s: float,
     timer: SyncTimer,
     hosts: list[list[int]] | None = None,
-    share_step: bool = False,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> tuple[ShmGradientSync | SharedStep | None, str]:
     """The shared-memory sync for ``model``, or None and why not; collective over ``group`` (the whole
     job), and agreed. With ``hosts`` (each host's global ranks), the hierarchical sync across them;
-    else, with ``share_step``, the sync and optimiser step on shared weights (``trainer.sync.shared_step``).
+    else, with ``optimizer`` (one ``shared_step.shared_reason`` found nothing against), the sync and
+    optimiser step on shared weights (``trainer.sync.shared_step``).
 
     Every rank runs the same collectives whatever fails locally, then the ranks exchange their
     errors: if any rank failed at any point (any exception, on any host), all of them get None together.
     """
     rank = dist.get_rank()
-    numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    # The gradients, and one number per parameter riding along (ShmGradientSync).
+    capacity = sum(p.numel() for p in trainable) + len(trainable)
     sync: ShmGradientSync | SharedStep | None = None
     reducer: shm.ShmAllreduce | hierarchy.HierarchicalAllreduce | None = None
-    if hosts is None and share_step:
-        sync, error = open_shared_step(model, group, timeout_s, timer)
+    if hosts is None and optimizer is not None:
+        sync, error = open_shared_step(model, optimizer, group, timeout_s, timer)
     else:
         if hosts is None:
-            reducer, error = shm.open_reducer(group, numel, timeout_s)
+            reducer, error = shm.open_reducer(group, capacity, timeout_s, extra_bytes=buffers.snapshot_bytes(model))
         else:
-            reducer, error = hierarchy.open_reducer(hosts, numel, timeout_s)
+            reducer, error = hierarchy.open_reducer(hosts, capacity, timeout_s)
         if reducer is not None:
             try:
-                sync = ShmGradientSync(model, reducer, timer)
+                local = reducer if isinstance(reducer, shm.ShmAllreduce) else None
+                keeper = buffers.for_model(model, local, local.extra if local is not None else None, rank)
+                sync = ShmGradientSync(model, reducer, timer, keeper)
             except Exception as exc:
                 error = shm.describe(rank, "setting up the gradient sync", exc)
     if sync is not None:
@@ -332,10 +412,10 @@ def start_shm_sync(
         elif reducer is not None:
             reducer.close()
         return None, failures
-    with torch.no_grad():  # start from rank 0's weights, as DDP does
+    with torch.no_grad():  # start from rank 0's weights and buffers, as DDP does
         if isinstance(sync, SharedStep):
-            sync.share_weights(group)  # one copy, rank 0's
-            tensors = list(model.buffers())
+            sync.share_weights(group)  # one copy of the trained weights, rank 0's
+            tensors = [*(p for p in model.parameters() if not p.requires_grad), *model.buffers()]
         else:
             tensors = [*model.parameters(), *model.buffers()]
         for tensor in tensors:
@@ -352,6 +432,8 @@ def wrap_model(
     bucket_cap_mb: float | None = None,
     warmup_steps: int | None = None,
     share_step: bool = False,
+    optimizer: torch.optim.Optimizer | None = None,
+    find_unused_parameters: bool = False,
 ) -> tuple[nn.Module, Comm | None]:
     """The model to train through, and its timed sync option, when distributed; the bare model (and
     no Comm) otherwise.
@@ -360,9 +442,16 @@ def wrap_model(
     shared-memory average; under the other options, DDP with the option's communication hook.
     ``bucket_cap_mb`` is DDP's (its default lets gloo overlap the first bucket's all-reduce with
     the rest of the backward pass). ``warmup_steps`` overrides the exact steps before PowerSGD or
-    local SGD start. ``share_step``: under ``shm``, the ranks share one copy of the weights and
-    each runs the optimiser on its chunk (``trainer.sync.shared_step``; the caller then steps through
-    ``Comm.step``); only for recipes that need no whole averaged gradient (``recipe_reason``).
+    local SGD start. ``share_step``: under ``shm``, the ranks share one copy of the weights and of
+    ``optimizer``'s state, and each runs the optimiser on its chunk (``trainer.sync.shared_step``;
+    the caller then steps through ``Comm.step`` and clips through ``Comm.clip_grad_norm_``), where
+    ``shared_step.shared_reason`` finds nothing against the model and optimiser; else it says why
+    in the log and every rank steps on its own.
+
+    ``find_unused_parameters``: DDP's, for models where some parameters get no gradient in some
+    steps (without it DDP fails at the step after one). The shared-memory options always behave as
+    DDP does with it, at no cost worth naming; DDP's graph traversal costs each forward pass, and DDP
+    warns when it finds no unused parameter, so it is off unless asked for.
     """
     if not distributed:
         return model, None
@@ -370,10 +459,17 @@ def wrap_model(
         raise ValueError(f"unknown comm option {comm!r}; choose from {', '.join(COMM_OPTIONS)}")
     group = dist.group.WORLD
     option, why, hosts = resolve_comm(comm, model, device, group)
-    result = Comm(option, SyncTimer(), device_clock(device))
+    result = Comm(option, SyncTimer(), device_clock(device), model)
     if option in ("shm", "hierarchical"):
         layout = hosts if option == "hierarchical" else None
-        result.shm_sync, failures = start_shm_sync(model, group, timeout_s, result.timer, layout, share_step)
+        shared = None
+        if share_step and option == "shm":
+            not_shared = shared_reason(model, optimizer)
+            if not_shared is None:
+                shared = optimizer
+            else:
+                _log(logging.INFO, "optimiser step not shared between ranks: %s", not_shared)
+        result.shm_sync, failures = start_shm_sync(model, group, timeout_s, result.timer, layout, shared)
         if result.shm_sync is not None:
             if isinstance(result.shm_sync, SharedStep):
                 why += f"; one shared copy of the weights, each rank steps 1/{dist.get_world_size()} of them"
@@ -387,7 +483,9 @@ def wrap_model(
         bucket_cap_mb=bucket_cap_mb,
         # Gradients live in the communication buckets: no copy in or out each step.
         gradient_as_bucket_view=True,
+        find_unused_parameters=find_unused_parameters,
     )
+    result.ddp = ddp
     hook: Hook
     if option == "gloo":
         hook = functools.partial(_allreduce_hook, group)
@@ -419,6 +517,11 @@ def wrap_model(
     ddp.register_comm_hook(None, result.timer.timed(hook))
     _log_choice(comm, option, why)
     return ddp, result
+
+
+def _log(level: int, message: str, *args: object) -> None:
+    """Rank 0 logs at ``level``; the other ranks, which decided the same, at INFO (shown under --log-all-ranks)."""
+    log.log(level if dist.get_rank() == 0 else logging.INFO, message, *args)
 
 
 def _log_choice(requested: str, option: str, why: str) -> None:

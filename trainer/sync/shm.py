@@ -29,7 +29,9 @@ The arithmetic is gloo's sum of pre-divided gradients:
   of a few float32 ulps of the summed magnitudes).
 
 Call ``g`` publishes flag value ``3g - 2`` for phase 1 and ``3g - 1`` for phase 2; ``3g`` is left for
-a third phase of ``trainer.sync.shared_step``, which calls ``reduce_scatter`` on a reducer of its own.
+a third phase of ``trainer.sync.shared_step``, which calls ``reduce_scatter`` on a reducer of its own
+and uses each rank's auxiliary flag (``publish_aux``) and the mapping's extra bytes (``extra``) for
+the exchange of gradient norms between phases 2 and 3.
 
 Two slot sets (``generation % 2``) let a rank start the next call while a peer still copies the
 previous result: a set is rewritten two calls later, after every rank has entered the call in
@@ -288,23 +290,34 @@ def agree(group: dist.ProcessGroup, error: str) -> str:
     return "; ".join(e for e in errors if e)
 
 
-def open_reducer(group: dist.ProcessGroup, capacity: int, timeout_s: float) -> tuple[ShmAllreduce | None, str]:
+def header_bytes(world_size: int) -> int:
+    """A flag line per rank, the leader's share flag, and an auxiliary flag line per rank (``publish_aux``)."""
+    return (2 * world_size + 1) * FLAG_STRIDE * 8
+
+
+def data_bytes(world_size: int, capacity: int) -> int:
+    """Two slot sets of one slot per rank, and two result vectors, rounded up to a cache line."""
+    return -(-2 * (world_size + 1) * capacity * 4 // 64) * 64
+
+
+def open_reducer(
+    group: dist.ProcessGroup, capacity: int, timeout_s: float, extra_bytes: int = 0
+) -> tuple[ShmAllreduce | None, str]:
     """This rank's ``ShmAllreduce`` over ``group``, or None and why; collective, not yet agreed.
 
+    ``extra_bytes``: room after the vectors for the caller's own shared data (``ShmAllreduce.extra``).
     The caller finishes its own set-up, then passes this rank's error (or its own) to ``agree``
     and closes the reducer if any rank failed.
     """
     rank = dist.get_rank()
     world_size = dist.get_world_size(group)
-    header = (world_size + 1) * FLAG_STRIDE * 8  # a flag per rank, and the leader's share flag
-    # Two slot sets of one slot per rank, and two result vectors.
-    size = header + 2 * (world_size + 1) * capacity * 4
+    size = header_bytes(world_size) + data_bytes(world_size, capacity) + extra_bytes
     mapping, fd, error, identities = open_shared_mapping(group, size, rank)
     if mapping is None:
         release(None, fd)
         return None, error
     try:
-        return ShmAllreduce(group, mapping, fd, identities, capacity, timeout_s), ""
+        return ShmAllreduce(group, mapping, fd, identities, capacity, timeout_s, extra_bytes), ""
     except Exception as exc:
         release(mapping, fd)
         return None, describe(rank, "setting up the shared-memory all-reduce", exc)
@@ -422,6 +435,7 @@ class ShmAllreduce:
         identities: list[list],
         capacity: int,
         timeout_s: float,
+        extra_bytes: int = 0,
     ) -> None:
         self.group = group
         self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
@@ -436,9 +450,12 @@ class ShmAllreduce:
         ]
         self._share_flag = self.world_size * FLAG_STRIDE
         self._leader = [(0, int(identities[0][0]), identities[0][1], self._share_flag)]
+        # Each rank's auxiliary flag, after the share flag: a phase of the caller's own (``publish_aux``).
+        self._aux_flag = (self.world_size + 1 + self.rank) * FLAG_STRIDE
+        self._aux_peers = [(r, pid, start, (self.world_size + 1 + r) * FLAG_STRIDE) for r, pid, start, _ in self._peers]
         self._map, self._fd = mapping, fd
-        header = (self.world_size + 1) * FLAG_STRIDE * 8
-        self._flags = np.frombuffer(self._map, dtype=np.int64, count=(self.world_size + 1) * FLAG_STRIDE)
+        header = header_bytes(self.world_size)
+        self._flags = np.frombuffer(self._map, dtype=np.int64, count=header // 8)
         # Each rank's flag line also carries the sum of the chunk it reduced (``check_finite``).
         self._chunk_sums = np.frombuffer(self._map, dtype=np.float64, count=self.world_size * FLAG_STRIDE)
         data = torch.frombuffer(
@@ -447,6 +464,11 @@ class ShmAllreduce:
         self._slots = data[: 2 * self.world_size * capacity].view(2, self.world_size, capacity)
         self._results = data[2 * self.world_size * capacity :].view(2, capacity)
         self._plans: dict[tuple[int, ...], tuple[CallPlan, CallPlan]] = {}
+        # The caller's own shared bytes (rank 0's buffers: trainer.sync.buffers; the shared step's norms).
+        offset = header + data_bytes(self.world_size, capacity)
+        self.extra = (
+            torch.frombuffer(self._map, dtype=torch.uint8, offset=offset, count=extra_bytes) if extra_bytes else None
+        )
 
     def allreduce_(self, tensor: torch.Tensor, divide_by: int = 1) -> torch.Tensor:
         """Replace ``tensor`` (contiguous float32, at most ``capacity`` elements) by the group's sum of
@@ -596,6 +618,15 @@ class ShmAllreduce:
         publishing the phase that announces it; ``chunk_sums_finite`` reads every rank's."""
         self._chunk_sums[self.rank * FLAG_STRIDE + 1] = float(chunk.sum()) if local_finite else math.nan
 
+    def publish_aux(self, phase: int) -> None:
+        """Publish ``phase`` in this rank's auxiliary flag: a phase of the caller's own between phases 2
+        and 3 (the shared step's exchange of gradient norms), after the stores it announces."""
+        self._flags[self._aux_flag] = phase
+
+    def wait_aux(self, phase: int, doing: str) -> None:
+        """Return once every peer has published ``phase`` in its auxiliary flag."""
+        self.wait_for_peers(phase, self._aux_peers, doing)
+
     def chunk_sums_finite(self) -> bool:
         """Whether every rank's published chunk sum is finite (NaN and Inf propagate through a sum)."""
         return bool(np.isfinite(self._chunk_sums[1::FLAG_STRIDE]).all())
@@ -638,6 +669,6 @@ class ShmAllreduce:
 
     def close(self) -> None:
         """Release the mapping (and, on rank 0, the descriptor the peers opened it through)."""
-        del self._slots, self._results, self._flags, self._plans
+        del self._slots, self._results, self._flags, self._plans, self.extra
         release(self._map, self._fd)
         self._fd = -1
