@@ -46,8 +46,19 @@ CARD, FINAL, BEST = "model.json", "model.safetensors", "best.safetensors"
 
 
 def weights_bytes(state: dict[str, torch.Tensor]) -> bytes:
-    """A state dict as safetensors bytes (CPU, contiguous, as the format requires)."""
-    tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in state.items()}
+    """A state dict as safetensors bytes (CPU, contiguous, as the format requires).
+
+    safetensors refuses tensors that share memory, so a weight tied between two modules (an input
+    embedding and an output projection, say) is written under each of its names as a copy:
+    ``load_state_dict`` then gives the one parameter the same values twice.
+    """
+    tensors, storages = {}, set()
+    for name, tensor in state.items():
+        plain = tensor.detach().to("cpu").contiguous()
+        if plain.untyped_storage().data_ptr() in storages:
+            plain = plain.clone()
+        storages.add(plain.untyped_storage().data_ptr())
+        tensors[name] = plain
     return safetensors.torch.save(tensors, metadata={"format": "pt"})
 
 
