@@ -73,11 +73,24 @@ def test_torchrun_writes_every_output(torchrun_run: tuple[Path, subprocess.Compl
         assert {"loss", "step_ms", "compute_ms", "sync_ms", "cpu_percent", "rss_mb"} <= set(steps[0])
 
 
-def test_all_ranks_end_with_identical_parameters(torchrun_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
-    run_dir, _ = torchrun_run
+def final_hashes(run_dir: Path) -> list[str]:
+    """Each rank's hash of its final weights, from the last line of its rank log."""
     ends = [read_jsonl(run_dir / f"rank{rank}.jsonl")[-1] for rank in (0, 1)]
-    assert ends[0]["event"] == "end"
-    assert ends[0]["params_sha256"] == ends[1]["params_sha256"] == read_summary(run_dir)["params_sha256"]
+    assert all(end["event"] == "end" for end in ends)
+    return [end["params_sha256"] for end in ends]
+
+
+def test_all_ranks_end_with_identical_parameters(
+    torchrun_run: tuple[Path, subprocess.CompletedProcess[str]], by_hand_gloo_run: Path
+) -> None:
+    """Under the default shared step the ranks' weights are views of one shared copy, so their own
+    hashes agree by construction; what they must also agree with is the same job over gloo, where
+    each rank steps a private copy of its own: both ranks there end with one hash, and it is the
+    shared step's."""
+    run_dir, _ = torchrun_run
+    private = final_hashes(by_hand_gloo_run)
+    assert private[0] == private[1], "two private copies of the weights drifted apart"
+    assert final_hashes(run_dir) == private == [read_summary(run_dir)["params_sha256"]] * 2
 
 
 def run_by_hand(args: list[str], omp_threads: str | None) -> list[str]:
@@ -125,13 +138,20 @@ def test_threads_are_split_between_local_ranks(
         assert f"[rank {rank}] INFO rank {rank} of 2 (local {rank} of 2), device cpu, backend gloo, {split}" in err
 
 
+@pytest.fixture(scope="module")
+def by_hand_gloo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The torchrun job's twin, started by hand with exported RANK/WORLD_SIZE/... and ``--comm gloo``:
+    every rank holds and steps a private copy of the weights."""
+    run_dir = tmp_path_factory.mktemp("by-hand") / "run"
+    run_by_hand([*QUICK, *STEPS, "--comm", "gloo", "--run-dir", str(run_dir)], omp_threads="1")
+    return run_dir
+
+
 def test_exported_variables_match_torchrun(
-    tmp_path: Path, torchrun_run: tuple[Path, subprocess.CompletedProcess[str]]
+    by_hand_gloo_run: Path, torchrun_run: tuple[Path, subprocess.CompletedProcess[str]]
 ) -> None:
     """Two processes started by hand with RANK/WORLD_SIZE/... train the same model as torchrun."""
-    run_dir = tmp_path / "by-hand"
-    run_by_hand([*QUICK, *STEPS, "--run-dir", str(run_dir)], omp_threads="1")
-    assert read_summary(run_dir)["params_sha256"] == read_summary(torchrun_run[0])["params_sha256"]
+    assert read_summary(by_hand_gloo_run)["params_sha256"] == read_summary(torchrun_run[0])["params_sha256"]
 
 
 def test_single_process_learns(tmp_path: Path) -> None:
