@@ -40,6 +40,9 @@ SUMMARY_KEYS = {
     "samples_per_second",
     "sync_ms_per_batch",
     "peak_rss_mb",
+    "peak_uss_mb",
+    "peak_pss_mb",
+    "peak_pss_mb_total",
     "params_sha256",
 }
 
@@ -61,16 +64,26 @@ def test_torchrun_writes_every_output(torchrun_run: tuple[Path, subprocess.Compl
     assert summary["world_size"] == 2 and summary["global_step"] == 60
     assert 0 <= summary["test_accuracy"] <= 1
     assert summary["sync_ms_per_batch"] > 0, "two ranks must measure a real all-reduce"
-    assert summary["peak_rss_mb"] > 0 and summary["samples_per_second"] > 0
+    assert summary["samples_per_second"] > 0
+    # Each rank maps torch's libraries and the shared step's memory, which RSS counts in every rank:
+    # what a rank holds alone (USS) is less than its share of all it maps (PSS), which is less than
+    # RSS; the ranks' PSS together are less than their RSS together.
+    assert 0 < summary["peak_uss_mb"] < summary["peak_pss_mb"] < summary["peak_rss_mb"]
+    assert summary["peak_pss_mb_total"] < summary["peak_rss_mb_total"]
     metrics = pd.read_csv(run_dir / "metrics.csv")
     assert list(metrics["epoch"]) == [1]
     for column in ("train_loss", "val_loss", "val_accuracy", "epoch_seconds", "samples_per_second"):
         assert metrics[column].notna().all(), column
+    assert (metrics["uss_mb_total"] > 0).all() and (metrics["uss_mb_total"] < metrics["pss_mb_total"]).all()
+    assert (metrics["pss_mb_total"] < metrics["rss_mb_total"]).all()
     for rank in (0, 1):
         samples = read_jsonl(run_dir / f"rank{rank}.jsonl")
         steps = [s for s in samples if "event" not in s]
         assert [s["step"] for s in steps] == [20, 40, 60]
-        assert {"loss", "step_ms", "compute_ms", "sync_ms", "cpu_percent", "rss_mb"} <= set(steps[0])
+        assert {"loss", "step_ms", "compute_ms", "sync_ms", "cpu_percent", "rss_mb", "uss_mb", "pss_mb"} <= set(
+            steps[0]
+        )
+        assert all(0 < s["uss_mb"] < s["pss_mb"] < s["rss_mb"] for s in steps), steps
 
 
 def final_hashes(run_dir: Path) -> list[str]:
