@@ -219,7 +219,7 @@ def holders_of_trainer_memory(inodes: set[int] | None = None, session_only: bool
 # is a failure, so that CI cannot be green with the Slurm, browser, shellcheck or multi-host tests
 # not run. A missing GPU is not among them: CI has none, and tests/test_cuda.py says so.
 MISSING_COMPONENT = re.compile(
-    r"shellcheck|chromium|slurm|munge|test hosts|namespace|iproute2|util-linux|etcd|\broot\b", re.IGNORECASE
+    r"shellcheck|chromium|slurm|munge|test hosts|namespace|iproute2|util-linux|etcd|strace|\broot\b", re.IGNORECASE
 )
 
 
