@@ -33,6 +33,11 @@ bench: $(STAMP)
 	@# Two test hosts in network namespaces: needs root, else it says so and make goes on.
 	-$(BIN)/python -m benchmarks.hierarchical
 
+# Deliberate one-line bugs, one at a time in a copy of the checkout, each against the tests that
+# should catch it (tests/mutants.py; slow, not part of `make test`); the result in tests/mutants.txt.
+mutants: $(STAMP) system
+	$(BIN)/python -m tests.mutants --out tests/mutants.txt $(MUTANTS)
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
