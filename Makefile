@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NPROC ?= 2
 
-.PHONY: setup train test lint bench clean
+.PHONY: setup system train test lint bench mutants clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,10 +14,15 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# The Debian packages the tests need (shellcheck, iproute2, chromium, Slurm, munge, etcd): installed
+# as root with apt-get, else the tests that need them skip and say why. CI runs this same step.
+system:
+	.ci/system-packages
+
 train: $(STAMP)
 	$(BIN)/torchrun --standalone --nproc_per_node=$(NPROC) -m trainer $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) system
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
@@ -27,6 +32,11 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.scaling
 	@# Two test hosts in network namespaces: needs root, else it says so and make goes on.
 	-$(BIN)/python -m benchmarks.hierarchical
+
+# Deliberate one-line bugs, one at a time in a copy of the checkout, each against the tests that
+# should catch it (tests/mutants.py; slow, not part of `make test`); the result in tests/mutants.txt.
+mutants: $(STAMP) system
+	$(BIN)/python -m tests.mutants --out tests/mutants.txt $(MUTANTS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -150,6 +150,8 @@ def steps(out: Path) -> None:
         results[f"{option}:untouched"] = untouched
         results[f"{option}:accumulated"] = accumulated(model, forward)
         results[f"{option}:accumulated_reference"] = accumulated(reference, reference_ddp, weights=model)
+        # Each pass's local gradients on the same weights: the magnitudes the summation bound scales with.
+        results[f"{option}:accumulated_local"] = [grads_on(local, local, model, step) for step in (0, 1)]
         results[f"{option}:verdicts"] = finite_verdicts(model, forward, comm)
         comm.close()
     torch.save(results, out / f"rank{rank}.pt")

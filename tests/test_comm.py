@@ -6,9 +6,19 @@ Tolerances, elementwise, with ``m = mean over ranks of |local gradient|`` (the s
   weights that an optimiser changes every step, a new batch each step, two intra-op threads).
 - hierarchical on one host at world size 2: bit for bit equal to DDP's all-reduce (``(g0 + g1) / 2``
   is ``g0/2 + g1/2`` exactly); across hosts, tests/test_multinode.py pins its exact sum.
-- shm, auto at world sizes 3 and 4: ``|shm - gloo| <= 2 (W - 1) 2^-24 W m`` (two float32 sums of
-  W terms in different orders, each off by at most ``(W - 1) 2^-24`` of the summed magnitudes),
-  and every rank holds the same bits.
+- shm, auto at world sizes 3 and 4: ``|shm - gloo| <= 2 (W - 1) 2^-24 m + 2^-24 m + 2^-24 |gloo|``:
+  each is a float32 sum of W terms over W, in different orders, off by at most ``(W - 1) 2^-24``
+  of the summed magnitudes ``W m`` over W; one side divides each term by W (at most ``2^-24 m`` in
+  all), the other the sum (``2^-24 |gloo|``); every rank holds the same bits. Observed on this
+  project's machine: up to 0.74 of the bound at W = 3, 0.50 at W = 4 (the bound before this one
+  was W times looser).
+- the same, two backward passes accumulated without clearing: ``|shm - gloo| <= 2 W 2^-24 m +
+  2 2^-24 |gloo|`` with ``m`` the mean over ranks of both passes' local magnitudes (each pass's
+  average off by its sum's bound plus its division, then one addition); observed: up to 0.75 of
+  it at W = 3, 0.45 at W = 4.
+- the shared step at world size 3 (each rank's SGD on its chunk, against DDP's gradients and a
+  plain SGD): weights within 1.5e-8 and momentum within 6e-8 after ``STEPS`` steps, four times the
+  3.7e-9 and 1.5e-8 observed (the sums' rounding, carried through the steps; no closed bound).
 - bf16: ``|bf16 - exact| <= 2^-7 m``: the input and the sum are each rounded to 8 significant
   bits (half an ulp is ``2^-8``).
 - fp16: ``|fp16 - exact| <= 2^-10 m + 2^-23``: two roundings to 11 bits, plus fp16's subnormal
@@ -43,6 +53,8 @@ from trainer.sync.comm import choose_comm
 WORKER = "tests.comm_worker"  # a module, as torchrun_command starts it
 WARMUP = 2  # matches comm_worker.WARMUP: passes 0 and 1 are exact for every option, pass 2 is not
 WORLD3_MAX_ABS_DIFF = 1e-6  # the adversarial model after its steps at world size 3, against DDP (module docstring)
+# The shared step at world size 3 against DDP and plain SGD: four times what was observed (docstring).
+SHARED_STEP_WORLD3_ATOL = {"weights": 1.5e-8, "momentum": 6e-8}
 
 
 def shm_entries() -> set[str]:
@@ -55,7 +67,8 @@ def run_worker(mode: str, tmp_path: Path, nproc: int, gpu: bool = False, timeout
     shared memory behind."""
     before = shm_entries()
     cmd = torchrun_command(nproc, WORKER, [mode, str(tmp_path)])
-    assert_ok(run_process(cmd, clean_env(gpu), timeout=timeout))
+    # Generous: a shared machine under load can take minutes for a job of seconds.
+    assert_ok(run_process(cmd, clean_env(gpu), timeout=max(timeout, 300)))
     assert shm_entries() - before == set(), "shared memory left behind"
 
 
@@ -129,7 +142,7 @@ def test_shm_equals_gloo_on_changing_weights(shm_steps: list[dict], option: str)
                 assert torch.equal(got, want), f"differs from gloo DDP at step {step}"
                 continue
             m = torch.stack([grads[index].abs() for grads in locals_]).mean(0)
-            bound = 2 * (world - 1) * 2**-24 * world * m
+            bound = (2 * world - 1) * 2**-24 * m + 2**-24 * want.abs()
             assert ((got - want).abs() - bound).max() <= 0, f"beyond the summation-order bound at step {step}"
 
 
@@ -150,14 +163,20 @@ def test_shm_sync_tells_every_rank_of_a_nonfinite_gradient_or_loss(shm_steps: li
 
 
 def test_shm_accumulates_like_gloo(shm_steps: list[dict]) -> None:
-    """Two backward passes without clearing: the same as DDP over gloo, bit for bit at world size 2;
-    at every world size the same on every rank."""
+    """Two backward passes without clearing: the same as DDP over gloo, bit for bit at world size 2,
+    within the accumulated summation-order bound above at 3 and 4; the same on every rank."""
+    world = len(shm_steps)
     for rank in shm_steps:
         pairs = zip(rank["shm:accumulated"], rank["shm:accumulated_reference"], strict=True)
         for index, (got, want) in enumerate(pairs):
             assert torch.equal(got, shm_steps[0]["shm:accumulated"][index]), "replicas accumulated differently"
-            if len(shm_steps) == 2:
+            if world == 2:
                 assert torch.equal(got, want)
+                continue
+            passes = [peer["shm:accumulated_local"] for peer in shm_steps]
+            m = torch.stack([grads[0][index].abs() + grads[1][index].abs() for grads in passes]).mean(0)
+            bound = 2 * world * 2**-24 * m + 2 * 2**-24 * want.abs()
+            assert ((got - want).abs() - bound).max() <= 0, "accumulated beyond the summation-order bound"
 
 
 @pytest.fixture(scope="module", params=[2, 3])
@@ -178,7 +197,8 @@ def test_the_shared_step_gives_ddp_weights_and_momentum(shared_steps: list[dict]
                 if len(shared_steps) == 2:
                     assert torch.equal(got, want), f"{key} differ from DDP's"
                 else:
-                    assert torch.allclose(got, want, rtol=0, atol=1e-6), f"{key} differ from DDP's"
+                    tolerance = SHARED_STEP_WORLD3_ATOL[key]
+                    assert torch.allclose(got, want, rtol=0, atol=tolerance), f"{key} differ from DDP's"
             for got, rank0 in zip(rank[key], shared_steps[0][key], strict=True):
                 assert torch.equal(got, rank0), f"ranks hold different {key}"
 
@@ -339,11 +359,25 @@ def test_localsgd_exact_in_warmup_then_local_and_averaged(world2: list[dict]) ->
         assert torch.equal(mine, theirs)
 
 
+def options_named_by_tests() -> set[str]:
+    """The --comm options that a test of this module names, in its own name or its parameters."""
+    named: set[str] = set()
+    for name, test in globals().items():
+        if not name.startswith("test_") or name == "test_every_option_has_a_test_above":
+            continue
+        words = set(name.split("_"))
+        for mark in getattr(test, "pytestmark", []):
+            if mark.name == "parametrize":
+                for values in mark.args[1]:
+                    words.update(v for v in (values if isinstance(values, tuple) else (values,)) if isinstance(v, str))
+        named |= words & set(COMM_OPTIONS)
+    return named
+
+
 def test_every_option_has_a_test_above() -> None:
-    """A new --comm option fails here until it gets its own comparison against gloo (hierarchical's
-    across hosts is in tests/test_multinode.py)."""
-    tested = {"gloo", "shm", "hierarchical", "auto", "bf16", "fp16", "powersgd", "localsgd"}
-    assert set(COMM_OPTIONS) == tested
+    """A new --comm option fails here until a test of this module names it (hierarchical's comparison
+    across hosts is in tests/test_multinode.py); read off the tests that exist, not a list."""
+    assert set(COMM_OPTIONS) - options_named_by_tests() == set()
 
 
 def run_peer_failure(tmp_path: Path, mode: str) -> dict:

@@ -15,7 +15,16 @@ import psutil
 import pytest
 import torch
 
-from tests.conftest import Launched, assert_ok, clean_env, read_summary, run_torchrun, wait_until
+from tests.conftest import (
+    Launched,
+    assert_ok,
+    clean_env,
+    holders_of_trainer_memory,
+    read_summary,
+    run_torchrun,
+    trainer_memory,
+    wait_until,
+)
 from tests.faults import has_trained, workers
 from tests.test_comm import shm_entries
 from trainer.core.config import TrainConfig
@@ -81,15 +90,12 @@ def test_a_setup_failure_on_one_rank_sends_every_rank_to_gloo(clipped_runs: dict
     assert read_summary(failed_dir)["params_sha256"] == read_summary(gloo_dir)["params_sha256"]
 
 
-def memfd_mapped(pid: int) -> bool:
-    """Whether ``pid`` maps the trainer's unnamed shared memory."""
-    return "/memfd:trainer-allreduce" in Path(f"/proc/{pid}/maps").read_text()
-
-
 @pytest.mark.parametrize("end", ["sigterm", "kill -9, no restart", "kill -9, then a restart"])
-def test_nothing_left_in_dev_shm(tmp_path: Path, end: str) -> None:
-    """While training, the ranks share unnamed memory and no file of theirs is in /dev/shm; after the job
-    ends by SIGTERM, or by kill -9 of rank 1 with or without a restart, none is either."""
+def test_the_shared_memory_is_freed_however_the_job_ends(tmp_path: Path, end: str) -> None:
+    """While training, the ranks share one piece of unnamed memory and no file of theirs is in /dev/shm;
+    after the job ends by SIGTERM, or by kill -9 of rank 1 with or without a restart, no process on
+    the machine maps or holds that memory (so the kernel has freed it), nor any memory a restarted
+    group made, and /dev/shm holds nothing new."""
     run_dir, before = tmp_path / "run", shm_entries()
     restarts = "1" if end.endswith("restart") else "0"
     # Long enough (about 10 s of steps) that the signal or the kill lands mid-training.
@@ -99,7 +105,8 @@ def test_nothing_left_in_dev_shm(tmp_path: Path, end: str) -> None:
     try:
         wait_until(lambda: has_trained(run_dir, 0) and has_trained(run_dir, 1), 180, "both ranks' first step", job)
         ranks = workers(job.pid)
-        assert all(memfd_mapped(p.pid) for p in ranks.values()), "the ranks do not share the unnamed memory"
+        memory = {rank: trainer_memory(p.pid) for rank, p in ranks.items()}
+        assert memory[0] and memory[0] == memory[1], f"the ranks do not share one unnamed memory: {memory}"
         pids = {str(p.pid) for p in ranks.values()}
         assert not {name for name in shm_entries() if name.split("-")[2] in pids}, "a rank named its memory"
         if end == "sigterm":
@@ -112,6 +119,8 @@ def test_nothing_left_in_dev_shm(tmp_path: Path, end: str) -> None:
             assert (code == 0) == (restarts == "1"), job.output()[-4000:]
     finally:
         job.kill()
+    assert not holders_of_trainer_memory(memory[0]), "the trainer's shared memory is still held after the job"
+    assert not holders_of_trainer_memory(session_only=True), "a restarted group's memory is still held"
     assert shm_entries() - before == set(), "shared memory left behind"
     if restarts == "1":
         assert read_summary(run_dir)["restarts"] >= 1

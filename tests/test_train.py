@@ -40,6 +40,9 @@ SUMMARY_KEYS = {
     "samples_per_second",
     "sync_ms_per_batch",
     "peak_rss_mb",
+    "peak_uss_mb",
+    "peak_pss_mb",
+    "peak_pss_mb_total",
     "params_sha256",
 }
 
@@ -62,23 +65,46 @@ def test_torchrun_writes_every_output(torchrun_run: tuple[Path, subprocess.Compl
     assert summary["world_size"] == 2 and summary["global_step"] == 60
     assert 0 <= summary["test_accuracy"] <= 1
     assert summary["sync_ms_per_batch"] > 0, "two ranks must measure a real all-reduce"
-    assert summary["peak_rss_mb"] > 0 and summary["samples_per_second"] > 0
+    assert summary["samples_per_second"] > 0
+    # Each rank maps torch's libraries and the shared step's memory, which RSS counts in every rank:
+    # what a rank holds alone (USS) is less than its share of all it maps (PSS), which is less than
+    # RSS; the ranks' PSS together are less than their RSS together.
+    assert 0 < summary["peak_uss_mb"] < summary["peak_pss_mb"] < summary["peak_rss_mb"]
+    assert summary["peak_pss_mb_total"] < summary["peak_rss_mb_total"]
     metrics = pd.read_csv(run_dir / "metrics.csv")
     assert list(metrics["epoch"]) == [1]
     for column in ("train_loss", "val_loss", "val_accuracy", "epoch_seconds", "samples_per_second"):
         assert metrics[column].notna().all(), column
+    assert (metrics["uss_mb_total"] > 0).all() and (metrics["uss_mb_total"] < metrics["pss_mb_total"]).all()
+    assert (metrics["pss_mb_total"] < metrics["rss_mb_total"]).all()
     for rank in (0, 1):
         samples = read_jsonl(run_dir / f"rank{rank}.jsonl")
         steps = [s for s in samples if "event" not in s]
         assert [s["step"] for s in steps] == [20, 40, 60]
-        assert {"loss", "step_ms", "compute_ms", "sync_ms", "cpu_percent", "rss_mb"} <= set(steps[0])
+        assert {"loss", "step_ms", "compute_ms", "sync_ms", "cpu_percent", "rss_mb", "uss_mb", "pss_mb"} <= set(
+            steps[0]
+        )
+        assert all(0 < s["uss_mb"] < s["pss_mb"] < s["rss_mb"] for s in steps), steps
 
 
-def test_all_ranks_end_with_identical_parameters(torchrun_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
-    run_dir, _ = torchrun_run
+def final_hashes(run_dir: Path) -> list[str]:
+    """Each rank's hash of its final weights, from the last line of its rank log."""
     ends = [read_jsonl(run_dir / f"rank{rank}.jsonl")[-1] for rank in (0, 1)]
-    assert ends[0]["event"] == "end"
-    assert ends[0]["params_sha256"] == ends[1]["params_sha256"] == read_summary(run_dir)["params_sha256"]
+    assert all(end["event"] == "end" for end in ends)
+    return [end["params_sha256"] for end in ends]
+
+
+def test_all_ranks_end_with_identical_parameters(
+    torchrun_run: tuple[Path, subprocess.CompletedProcess[str]], by_hand_gloo_run: Path
+) -> None:
+    """Under the default shared step the ranks' weights are views of one shared copy, so their own
+    hashes agree by construction; what they must also agree with is the same job over gloo, where
+    each rank steps a private copy of its own: both ranks there end with one hash, and it is the
+    shared step's."""
+    run_dir, _ = torchrun_run
+    private = final_hashes(by_hand_gloo_run)
+    assert private[0] == private[1], "two private copies of the weights drifted apart"
+    assert final_hashes(run_dir) == private == [read_summary(run_dir)["params_sha256"]] * 2
 
 
 def run_by_hand(args: list[str], omp_threads: str | None) -> list[str]:
@@ -126,13 +152,20 @@ def test_threads_are_split_between_local_ranks(
         assert f"[rank {rank}] INFO rank {rank} of 2 (local {rank} of 2), device cpu, backend gloo, {split}" in err
 
 
+@pytest.fixture(scope="module")
+def by_hand_gloo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The torchrun job's twin, started by hand with exported RANK/WORLD_SIZE/... and ``--comm gloo``:
+    every rank holds and steps a private copy of the weights."""
+    run_dir = tmp_path_factory.mktemp("by-hand") / "run"
+    run_by_hand([*QUICK, *STEPS, "--comm", "gloo", "--run-dir", str(run_dir)], omp_threads="1")
+    return run_dir
+
+
 def test_exported_variables_match_torchrun(
-    tmp_path: Path, torchrun_run: tuple[Path, subprocess.CompletedProcess[str]]
+    by_hand_gloo_run: Path, torchrun_run: tuple[Path, subprocess.CompletedProcess[str]]
 ) -> None:
     """Two processes started by hand with RANK/WORLD_SIZE/... train the same model as torchrun."""
-    run_dir = tmp_path / "by-hand"
-    run_by_hand([*QUICK, *STEPS, "--run-dir", str(run_dir)], omp_threads="1")
-    assert read_summary(run_dir)["params_sha256"] == read_summary(torchrun_run[0])["params_sha256"]
+    assert read_summary(by_hand_gloo_run)["params_sha256"] == read_summary(torchrun_run[0])["params_sha256"]
 
 
 def test_single_process_learns(tmp_path: Path) -> None:

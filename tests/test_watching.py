@@ -149,7 +149,8 @@ def decoded_images(dom: str) -> list[tuple[int, int]]:
 
 def chromium(*args: str, user_dir: Path) -> subprocess.CompletedProcess[str]:
     browser = shutil.which("chromium")
-    assert browser, "the report test needs Debian's chromium (apt-get install chromium; .ci/run installs it)"
+    if browser is None:  # a failure under CI=true (conftest.py)
+        pytest.skip("chromium is not installed (Debian: apt-get install chromium; `make test` does so as root)")
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run"]
     flags += ["--disable-background-networking", "--disable-component-update", "--disable-sync"]
     cmd = [browser, *flags, f"--user-data-dir={user_dir}", "--enable-logging=stderr", "--v=0", *args]

@@ -8,6 +8,7 @@ import json
 import resource
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,33 +19,59 @@ from trainer.core.fileio import atomic_write_text
 
 
 class ResourceSampler:
-    """Samples this process's CPU % and RSS on a background thread (default every 0.5 s).
+    """Samples this process's CPU % and RSS on a background thread (default every 0.5 s), and the
+    memory it alone holds (USS) and its proportional share (PSS) less often (default every 5 s).
 
     psutil's CPU % is the share of one core since the previous sample, so a process using
     two cores fully reads 200.
+
+    RSS counts every page the process maps, so each rank's RSS counts the shared libraries (torch
+    alone is hundreds of MB) and the shared-memory sync's mapping in full, and the ranks' RSS summed
+    counts them once per rank. USS counts only the pages no other process maps; PSS divides each
+    shared page between the processes that map it, so the ranks' PSS sum to what the job holds.
+    Both come from the kernel's ``smaps_rollup`` (psutil's ``memory_full_info``), which walks the
+    page tables: tens of ms for a trainer, hence the longer interval, off the training thread.
     """
 
-    def __init__(self, interval_s: float = 0.5) -> None:
+    def __init__(self, interval_s: float = 0.5, memory_interval_s: float = 5.0) -> None:
         self._process = psutil.Process()
-        self._interval_s = interval_s
+        self._interval_s, self._memory_interval_s = interval_s, memory_interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="resource-sampler", daemon=True)
         self._lock = threading.Lock()
         self._cpu_samples: list[float] = []
         self.last_cpu_percent = 0.0
         self.last_rss_mb = self._process.memory_info().rss / 2**20
+        # Latest and highest USS and PSS sampled (the peaks are sampled, not the kernel's exact mark).
+        self.last_uss_mb = self.last_pss_mb = self.peak_uss_mb = self.peak_pss_mb = 0.0
 
     def start(self) -> None:
         self._process.cpu_percent(None)  # primes the counter; the first real sample follows
+        self.sample_memory()
         self._thread.start()
 
+    def sample_memory(self) -> None:
+        """Sample USS and PSS now (tens of ms). Left at the last values where smaps is unreadable."""
+        try:
+            full = self._process.memory_full_info()
+        except (psutil.Error, OSError):
+            return
+        uss, pss = full.uss / 2**20, full.pss / 2**20
+        with self._lock:
+            self.last_uss_mb, self.last_pss_mb = uss, pss
+            self.peak_uss_mb, self.peak_pss_mb = max(self.peak_uss_mb, uss), max(self.peak_pss_mb, pss)
+
     def _run(self) -> None:
+        memory_due = time.monotonic() + self._memory_interval_s
         while not self._stop.wait(self._interval_s):
             cpu = self._process.cpu_percent(None)
             rss = self._process.memory_info().rss / 2**20
             with self._lock:
                 self._cpu_samples.append(cpu)
                 self.last_cpu_percent, self.last_rss_mb = cpu, rss
+            if time.monotonic() >= memory_due:
+                self.sample_memory()
+                memory_due = time.monotonic() + self._memory_interval_s
 
     def take_mean_cpu(self) -> float:
         """Mean CPU % of the samples since the previous call (0 when none were taken)."""
@@ -135,7 +162,10 @@ def write_metrics_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     if not rows:
         return
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    # Every column any row has, in first-seen order: rows resumed from a checkpoint written by an
+    # earlier version may lack a newer column (left empty there).
+    fieldnames = list(dict.fromkeys(key for row in rows for key in row))
+    writer = csv.DictWriter(buffer, fieldnames=fieldnames, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(path, buffer.getvalue())

@@ -2,7 +2,7 @@
 
 Files (under ``--run-dir``):
 
-- ``rank<r>.jsonl``: every rank's window samples (loss, step/data/compute/sync ms, CPU %, RSS)
+- ``rank<r>.jsonl``: every rank's window samples (loss, step/data/compute/sync ms, CPU %, RSS, USS, PSS)
   and events (first step, end);
 - ``samples/rank<r>-pid<p>.jsonl``: with ``--record-samples``, the positions of every batch;
 - ``metrics.csv``: one row per epoch (rank 0);
@@ -160,6 +160,9 @@ class Progress:
             "sync_ms": window.mean("sync_ms"),
             "cpu_percent": self.sampler.last_cpu_percent,
             "rss_mb": self.sampler.last_rss_mb,
+            # Sampled every few seconds (ResourceSampler): the latest, not this window's own.
+            "uss_mb": self.sampler.last_uss_mb,
+            "pss_mb": self.sampler.last_pss_mb,
             "samples_per_second": samples / seconds if seconds > 0 else 0.0,
             **window.percentiles(),
             "time": time.time(),
@@ -184,7 +187,11 @@ class Progress:
     def epoch_row(self, state: TrainState, val: dict[str, float]) -> dict[str, Any]:
         """The epoch's metrics row, appended to the history and ``metrics.csv``. Collective."""
         cpu = self.sampler.take_mean_cpu()
-        cpu_total, rss_total = reduce_sum([cpu, self.sampler.last_rss_mb], self.device)
+        self.sampler.sample_memory()
+        sampler = self.sampler
+        cpu_total, rss_total, uss_total, pss_total = reduce_sum(
+            [cpu, sampler.last_rss_mb, sampler.last_uss_mb, sampler.last_pss_mb], self.device
+        )
         steps, seconds = state.epoch_steps, state.epoch_seconds
         row = {
             "epoch": state.epoch + 1,
@@ -201,6 +208,9 @@ class Progress:
             "samples_per_second": state.consumed / seconds if seconds else 0.0,
             "cpu_percent_total": cpu_total,
             "rss_mb_total": rss_total,
+            # What the ranks hold alone, and what the job holds (shared pages counted once).
+            "uss_mb_total": uss_total,
+            "pss_mb_total": pss_total,
         }
         if state.history and state.history[-1]["epoch"] == row["epoch"]:
             state.history.pop()  # the row of this epoch as --max-steps cut it; a continued run completes it
@@ -240,11 +250,13 @@ class Progress:
         if self.dist_env.is_main:
             write_json(self.run_dir / "summary.json", summary)
         log.info(
-            "done: %strain %.1f s, %.0f samples/s, sync %.3f ms/batch, peak RSS %.0f MB/rank",
+            "done: %strain %.1f s, %.0f samples/s, sync %.3f ms/batch, "
+            "peak USS %.0f MB/rank (RSS %.0f, counting what the ranks share in each)",
             "".join(f"{name.replace('_', ' ')} {value:.4f}, " for name, value in test.items()),
             summary["train_seconds"],
             summary["samples_per_second"],
             summary["sync_ms_per_batch"],
+            summary["peak_uss_mb"],
             summary["peak_rss_mb"],
         )
         return summary
@@ -253,13 +265,16 @@ class Progress:
         env, times = self.dist_env, self.run_times
         means = [times.mean(n) for n in ("step_ms", "data_ms", "compute_ms", "sync_ms")]
         peak = peak_rss_mb()
+        self.sampler.sample_memory()
+        peak_uss, peak_pss = self.sampler.peak_uss_mb, self.sampler.peak_pss_mb
         cpu_mean = sum(r["cpu_percent_total"] for r in state.history) / max(1, len(state.history))
-        *sums, peak_total = reduce_sum([*means, peak], self.device)
+        *sums, peak_total, peak_pss_total = reduce_sum([*means, peak, peak_pss], self.device)
         step_ms, data_ms, compute_ms, sync_ms = (value / env.world_size for value in sums)
         on_cuda = self.device.type == "cuda"
         peak_gpu = torch.cuda.max_memory_allocated(self.device) / 2**20 if on_cuda else 0.0
-        peak_max, p50, p95, peak_gpu_max = reduce_max(
-            [peak, percentile(times.sync_samples, 50), percentile(times.sync_samples, 95), peak_gpu], self.device
+        p50, p95 = percentile(times.sync_samples, 50), percentile(times.sync_samples, 95)
+        peak_max, p50, p95, peak_gpu_max, peak_uss_max, peak_pss_max = reduce_max(
+            [peak, p50, p95, peak_gpu, peak_uss, peak_pss], self.device
         )
         last = state.history[-1] if state.history else {}
         earlier = earlier_segments(self.run_dir)
@@ -290,6 +305,11 @@ class Progress:
             "cpu_percent_total": cpu_mean,
             "peak_rss_mb": peak_max,
             "peak_rss_mb_total": peak_total,
+            # USS: what one rank alone holds; PSS: its share of every page (the ranks' PSS sum to the
+            # job's memory). Sampled peaks; RSS counts the shared libraries and mapping in every rank.
+            "peak_uss_mb": peak_uss_max,
+            "peak_pss_mb": peak_pss_max,
+            "peak_pss_mb_total": peak_pss_total,
             "peak_gpu_mb": peak_gpu_max if on_cuda else None,
             "threads_per_rank": torch.get_num_threads(),
             "backend": dist.get_backend() if dist.is_initialized() else "none",

@@ -237,10 +237,15 @@ def plot_sync(run: Run, ax_bars: Any, ax_time: Any) -> None:
 
 
 def plot_resources(run: Run, ax_cpu: Any, ax_rss: Any) -> None:
+    """CPU, and memory as RSS (solid: counts the shared libraries and mapping in every rank) beside
+    USS (dashed: what the rank alone holds), one colour per rank."""
     for rank, records in sorted(run.windows.items()):
-        ax_cpu.plot(*over_time(run, records, "cpu_percent"), label=f"rank {rank}")
-        ax_rss.plot(*over_time(run, records, "rss_mb"), label=f"rank {rank}")
-    for ax, label, title in ((ax_cpu, "CPU % (100 = one core)", "CPU"), (ax_rss, "MB", "resident memory")):
+        (line,) = ax_cpu.plot(*over_time(run, records, "cpu_percent"), label=f"rank {rank}")
+        ax_rss.plot(*over_time(run, records, "rss_mb"), color=line.get_color(), label=f"rank {rank} RSS")
+        if any("uss_mb" in record for record in records):  # rank logs of earlier versions have none
+            uss = over_time(run, records, "uss_mb")
+            ax_rss.plot(*uss, color=line.get_color(), linestyle="--", label=f"rank {rank} USS")
+    for ax, label, title in ((ax_cpu, "CPU % (100 = one core)", "CPU"), (ax_rss, "MB", "memory (RSS, USS)")):
         _mark_attempts(ax, run, on_time=True)
         ax.set(xlabel="seconds since start", ylabel=label, title=f"{title} per rank")
         ax.legend()
@@ -321,6 +326,7 @@ def page(run: Run, pngs: dict[str, bytes]) -> str:
     headline = (
         f"{headline_figures(summary)}, {summary['global_step']} steps at world size "
         f"{summary['world_size']}, {summary['samples_per_second']:.0f} samples/s, {summary['restarts']} restarts"
+        + (f", peak USS {summary['peak_uss_mb']:.0f} MB per rank" if "peak_uss_mb" in summary else "")
         if summary
         else "no summary.json: the run has not finished"
     )
