@@ -34,7 +34,7 @@ from trainer.core.config import TrainConfig
 from trainer.core.optim import build_optimizer
 from trainer.engine.sampling import split_indices
 from trainer.tasks.mnist_data import FILES, MEAN, STD
-from trainer.tasks.mnist_mlp import default_model
+from trainer.tasks.mnist_mlp import MnistOptions, default_model
 
 
 def prepare_data(data_dir: Path) -> None:
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = TrainConfig()
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((MEAN,), (STD,))])
     full = datasets.MNIST(args.data_dir, train=True, transform=transform)
-    train_idx, _ = split_indices(len(full), cfg.val_fraction, cfg.seed)
+    train_idx, _ = split_indices(len(full), MnistOptions.val_fraction, cfg.seed)
     train = Subset(full, train_idx.tolist())
     test = datasets.MNIST(args.data_dir, train=False, transform=transform)
     sampler = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)

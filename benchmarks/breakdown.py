@@ -155,7 +155,7 @@ def worker(result_path: Path, steps: int, rounds: int) -> None:
         "gradient copy": lambda rows: copy_target.copy_(flat),
     }
     if env.distributed:
-        sync = trainer.sync.comm.shm_sync if trainer.sync.comm is not None else None
+        sync = trainer.comm.shm_sync if trainer.comm is not None else None
         variants["+ gradient sync"] = lambda rows: plain(trainer.model, trainer.optimizer, rows, extras=True)
         # The option's own sync with nothing else running: shm's private call, else an all-reduce of
         # the gradients' size (the DDP options sync inside backward and cannot be called alone).

@@ -54,6 +54,7 @@ class Augmented(torch.utils.data.Dataset):
 class Task(trainer.Task):
     name = "adversarial"
     metrics = ("accuracy",)
+    find_unused_parameters = True  # ``unused`` never gets a gradient
 
     def build_model(self) -> nn.Module:
         return Model()

@@ -151,6 +151,9 @@ class Task:
     - ``metrics``: the names of the metrics ``loss`` returns besides the loss (e.g. ``("accuracy",)``).
     - ``best``: which epoch-end figure picks the best checkpoint, and whether higher is better.
     - ``eval_batch_size``: samples per forward pass when evaluating a split.
+    - ``find_unused_parameters``: True when some parameters get no gradient in some steps (a branch
+      not taken, a head not used). Under the DDP sync options DDP then looks for them each forward
+      pass, as it must; the shared-memory options handle them either way.
     """
 
     name: ClassVar[str] = "task"
@@ -158,6 +161,7 @@ class Task:
     metrics: ClassVar[tuple[str, ...]] = ()
     best: ClassVar[tuple[str, str]] = ("val_loss", "min")
     eval_batch_size: ClassVar[int] = 1024
+    find_unused_parameters: ClassVar[bool] = False
 
     def __init__(self, options: Any = None) -> None:
         self.options = self.Options() if options is None else options

@@ -66,6 +66,7 @@ class Trainer:
             warmup_steps=cfg.comm_warmup_steps,
             share_step=not_shared is None,
             optimizer=self.optimizer,
+            find_unused_parameters=task.find_unused_parameters,
         )
         if not_shared and self.comm is not None and self.comm.option == "shm":
             log.info("optimiser step not shared between ranks: %s", not_shared)
