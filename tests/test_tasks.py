@@ -26,6 +26,7 @@ from conftest import (
     wait_until,
 )
 from faults import latest_step, metrics_rows, trained_positions, workers
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from trainer.distributed.jobs import torchrun_command
 from trainer.lifecycle.checkpoint import read_checkpoint
@@ -35,7 +36,7 @@ CNN_TRAIN = 50_000  # the example's training split: 60k images less 10k held out
 # 1000 samples a step over the ranks: 50 steps an epoch; checkpoints every 10 steps, so a kill
 # lands with steps to redo. Four channels keep the convolutions quick; dropout stays on.
 CNN_ARGS = ("--task", CNN, "--channels", "4", "--global-batch-size", "1000", "--epochs", "1")
-CNN_ARGS += ("--log-every", "5", "--checkpoint-every", "10", "--record-samples")
+CNN_ARGS += ("--log-every", "5", "--checkpoint-every", "10", "--record-samples", "--tensorboard")
 
 
 def cnn_args(run_dir: Path, *extra: str) -> list[str]:
@@ -76,6 +77,20 @@ def test_cnn_example_trains_every_sample_once_and_records_its_task(cnn_baseline:
     assert config["task_options"] == {"channels": 4, "dropout": 0.25}
     card = json.loads((run_dir / "model.json").read_text())
     assert (card["task"], card["classes"], card["tensors"]["0.weight"]) == ("mnist-cnn", 10, [4, 1, 3, 3])
+
+
+def test_the_report_and_tensorboard_show_the_tasks_own_figures(cnn_baseline: dict[str, Any]) -> None:
+    run_dir = cnn_baseline["dir"]
+    assert_ok(run_process([sys.executable, "-m", "trainer", "report", str(run_dir)], clean_env()))
+    page = (run_dir / "report.html").read_text()
+    assert "val_accuracy" in page and "mnist-cnn" in page
+    assert (run_dir / "report" / "epochs.png").stat().st_size > 0
+    reader = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    reader.Reload()
+    tags = set(reader.Tags()["scalars"])
+    assert {"train/loss", "epoch/val_loss", "epoch/val_accuracy", "epoch/train_accuracy"} <= tags, tags
+    accuracy = {step: value for step, value in ((e.step, e.value) for e in reader.Scalars("epoch/val_accuracy"))}
+    assert accuracy == pytest.approx({50: float(cnn_baseline["metrics"][-1]["val_accuracy"])}, rel=1e-6)
 
 
 def test_cnn_example_resumes_bit_for_bit_after_sigkill(tmp_path: Path, cnn_baseline: dict[str, Any]) -> None:
@@ -210,6 +225,9 @@ def test_a_script_trains_its_own_task_with_fit_under_torchrun(tmp_path: Path) ->
     assert config["task"] == f"{script.resolve()}:Squares"
     # No validation or test split: their figures are left out, not made up.
     assert "test_loss" not in summary and summary["val_loss"] is None
+    # A task with no metric and no validation split still gets its report.
+    assert_ok(run_process([sys.executable, "-m", "trainer", "report", str(run_dir)], clean_env()))
+    assert "squares" in (run_dir / "report.html").read_text()
 
 
 def metrics_rows_any(run_dir: Path) -> list[dict[str, str]]:

@@ -54,6 +54,7 @@ class Progress:
     def __init__(self, cfg: TrainConfig, dist_env: DistEnv, device: torch.device, task: Task) -> None:
         self.cfg, self.dist_env, self.device = cfg, dist_env, device
         self.figures = ("loss", *task.metrics)  # what each step reports, in order
+        self.task_name = task.name
         self.run_dir = Path(cfg.run_dir)
         self.sampler = ResourceSampler()
         self.rank_log = RankLog(self.run_dir / f"rank{dist_env.rank}.jsonl")
@@ -282,6 +283,7 @@ class Progress:
         segment: dict[str, Any] = {"from_step": start, "to_step": state.global_step}
         segment.update(epochs_requested=self.cfg.epochs, max_steps=self.cfg.max_steps)
         return {
+            "task": self.task_name,
             "continued_from_step": start if earlier else None,
             "segments": [*earlier, segment],
             "world_size": env.world_size,

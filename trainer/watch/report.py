@@ -162,7 +162,8 @@ def _mark_attempts(ax: Any, run: Run, on_time: bool) -> None:
 
 def first_metric(run: Run) -> str | None:
     """The task's first metric besides the loss (``accuracy`` for MNIST), from the epoch rows."""
-    names = [k[4:] for k in (run.epochs[0] if run.epochs else {}) if k.startswith("val_") and k != "val_loss"]
+    row = run.epochs[0] if run.epochs else {}
+    names = [k.split("_", 1)[1] for k in row if k.startswith(("train_", "val_")) and not k.endswith("_loss")]
     return names[0] if names else None
 
 
@@ -175,7 +176,8 @@ def plot_epochs(run: Run, ax_loss: Any, ax_metric: Any) -> None:
     for ax, name in panels:
         if all(f"train_{name}" in row for row in run.epochs):  # runs recorded before it was logged lack it
             ax.plot(epochs, [row[f"train_{name}"] for row in run.epochs], "o-", label="train")
-        ax.plot(epochs, [row[f"val_{name}"] for row in run.epochs], "s-", color="tab:orange", label="validation")
+        if all(f"val_{name}" in row for row in run.epochs):  # a task may have no validation split
+            ax.plot(epochs, [row[f"val_{name}"] for row in run.epochs], "s-", color="tab:orange", label="validation")
         if run.summary and epochs and isinstance(run.summary.get(f"test_{name}"), (int, float)):
             ax.plot([epochs[-1]], [run.summary[f"test_{name}"]], "*", markersize=12, color="tab:green", label="test")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -324,7 +326,8 @@ def page(run: Run, pngs: dict[str, bytes]) -> str:
     """The HTML of the report, images inline."""
     summary = run.summary
     headline = (
-        f"{headline_figures(summary)}, {summary['global_step']} steps at world size "
+        (f"{summary['task']}: " if "task" in summary else "")
+        + f"{headline_figures(summary)}, {summary['global_step']} steps at world size "
         f"{summary['world_size']}, {summary['samples_per_second']:.0f} samples/s, {summary['restarts']} restarts"
         + (f", peak USS {summary['peak_uss_mb']:.0f} MB per rank" if "peak_uss_mb" in summary else "")
         if summary
