@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ import pytest
 import torch
 from comm_worker import SUM_CALLS, known_terms
 from conftest import assert_ok, read_jsonl, read_summary, run_process, run_torchrun, wait_all_ok, wait_until
+from etcd_server import etcd_on
 from faults import first_steps, latest_step, trained_positions
 from hosts import Host, HostsUnavailable, make_hosts
 from launching import LAUNCH, STEPS, THREADS, launch_env, read_sha
@@ -211,7 +211,6 @@ def test_survivor_finishes_alone_from_the_checkpoint(tmp_path: Path, hosts: list
     assert re.search(r"resuming from \S+/checkpoints/", survivor_log)  # ... from the checkpoint, not from scratch
 
 
-ETCD_PORT = 2379
 # The elastic runs below: a global batch that both 3 and 2 ranks divide, so a resume at either
 # world size optimises alike; two epochs, a checkpoint every few steps, every one kept (the test
 # replays from the one the survivors resumed from), and every trained sample recorded.
@@ -235,25 +234,10 @@ def four_hosts(tmp_path: Path) -> Iterator[list[Host]]:
 
 
 @pytest.fixture
-def etcd(tmp_path: Path, four_hosts: list[Host]) -> Iterator[Host]:
-    """A real etcd (v2 API on) on the last host, alone there; stopped afterwards."""
-    if shutil.which("etcd") is None:
-        pytest.skip("etcd is not installed (Debian: apt-get install -y etcd-server)")
-    host = four_hosts[-1]
-    cmd = [
-        "etcd",
-        "--enable-v2",
-        f"--data-dir={tmp_path / 'etcd'}",
-        f"--listen-client-urls=http://{host.addr}:{ETCD_PORT}",
-        f"--advertise-client-urls=http://{host.addr}:{ETCD_PORT}",
-        "--listen-peer-urls=http://127.0.0.1:2380",
-    ]
-    server = host.run(cmd, launch_env(), tmp_path / "etcd.log")
-    try:
-        wait_until(lambda: "ready to serve client requests" in server.output(), 60, "etcd to serve", server)
-        yield host
-    finally:
-        server.kill()
+def etcd(tmp_path: Path, four_hosts: list[Host]) -> Iterator[str]:
+    """A real etcd (v2 API on) alone on the last host; its client address ``host:port``."""
+    with etcd_on(four_hosts[-1], tmp_path) as endpoint:
+        yield endpoint
 
 
 def host_processes(host: Host) -> list[psutil.Process]:
@@ -305,7 +289,7 @@ def checkpoint_steps(run_dir: Path, world_size: int) -> list[int]:
     return steps
 
 
-def test_etcd_rendezvous_survives_losing_the_rank_zero_node(tmp_path: Path, four_hosts: list[Host], etcd: Host) -> None:
+def test_etcd_rendezvous_survives_losing_the_rank_zero_node(tmp_path: Path, four_hosts: list[Host], etcd: str) -> None:
     """Three trainer hosts (one rank each) meet at etcd on a fourth, ``NNODES=2:3``. Mid-run every
     process of the host that holds rank 0 is killed, its agent too. The two survivors meet again
     at etcd, resume from the newest checkpoint at world size 2 and finish; every sample of both
@@ -318,7 +302,7 @@ def test_etcd_rendezvous_survives_losing_the_rank_zero_node(tmp_path: Path, four
         NPROC_PER_NODE="1",
         MAX_RESTARTS="3",
         RDZV_BACKEND="etcd-v2",
-        RDZV_ENDPOINT=f"{etcd.addr}:{ETCD_PORT}",
+        RDZV_ENDPOINT=etcd,
         RDZV_ID=f"etcd-{os.getpid()}",
         RDZV_CONF="last_call_timeout=3",
     )

@@ -18,6 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import assert_ok, read_summary, run_torchrun, wait_until
+from etcd_server import etcd_on
 from faults import has_trained, trained_positions
 from hosts import IFNAME
 from launching import LAUNCH, STEPS, THREADS, launch_env, read_sha
@@ -119,6 +120,20 @@ def test_jobs_sharing_nodes_get_different_ports(tmp_path: Path, cluster: SlurmCl
     finally:
         listener.kill()
     assert ports == {low + 1, low + 2}, ports
+
+
+def test_sbatch_with_etcd_rendezvous_trains_like_one_host(tmp_path: Path, cluster: SlurmCluster) -> None:
+    """``RDZV_BACKEND=etcd-v2``: the agents meet at an etcd server (here on the first node, as a
+    process of its own) instead of a port the script picks; the run trains like one host."""
+    reference = one_host_reference(tmp_path / "one-host", STEPS)
+    run_dir = tmp_path / "run"
+    with etcd_on(cluster.hosts[0], tmp_path) as endpoint:
+        job_id = submit(cluster, run_dir, STEPS, RDZV_BACKEND="etcd-v2", RDZV_ENDPOINT=endpoint)
+        assert_completed(cluster, job_id, run_dir, 240)
+    assert f"rendezvous {endpoint} (etcd-v2)" in job_output(run_dir, job_id)
+    summary = read_summary(run_dir)
+    assert (summary["world_size"], summary["global_step"]) == (2, 30)
+    assert summary["params_sha256"] == reference
 
 
 def wait_training(cluster: SlurmCluster, job_id: int, run_dir: Path) -> None:
