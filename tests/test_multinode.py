@@ -279,10 +279,11 @@ def rank_zero_host(hosts: list[Host]) -> Host | None:
     return None
 
 
-def checkpoint_steps(run_dir: Path, world_size: int) -> list[int]:
-    """The steps of the complete checkpoints that ``world_size`` ranks wrote."""
+def checkpoint_steps(run_dir: Path, world_size: int, directory: Path | None = None) -> list[int]:
+    """The steps of the complete checkpoints that ``world_size`` ranks wrote (in ``directory``,
+    by default the run's own)."""
     steps = []
-    for path in sorted((run_dir / "checkpoints").glob("step-*.pt")):
+    for path in sorted((directory or run_dir / "checkpoints").glob("step-*.pt")):
         with contextlib.suppress(Exception):  # one being written, or renamed away
             if torch.load(path, weights_only=True, map_location="cpu")["world_size"] == world_size:
                 steps.append(int(path.stem.split("-")[1]))
@@ -325,6 +326,7 @@ def test_etcd_rendezvous_survives_losing_the_rank_zero_node(tmp_path: Path, four
     assert statuses == dict.fromkeys(statuses, 0), {name: log[-3000:] for name, log in logs.items()}
     summary = read_summary(run_dir)
     assert (summary["world_size"], summary["global_step"]) == (2, 160), summary
+    assert "one directory, shared by every rank" in "".join(logs.values())  # so no copies were sent
     resumed = re.findall(r"resuming from (\S+/checkpoints/step-\d+\.pt): step (\d+)", "".join(logs.values()))
     assert resumed, logs
     checkpoint, step = max(resumed, key=lambda found: int(found[1]))
@@ -332,7 +334,7 @@ def test_etcd_rendezvous_survives_losing_the_rank_zero_node(tmp_path: Path, four
     back = min(r["time"] for r in first_steps(run_dir) if r["world_size"] == 2)
     print(f"recovery: {back - killed_at:.1f} s from the kill to the first step at world size 2;", end=" ")
     print(f"resumed from step {step}, the last step logged before the kill was {step_at_kill}")
-    positions = trained_positions(run_dir)
+    positions = trained_positions(run_dir, by_restarts=False)
     assert sorted(positions) == [1, 2]
     for epoch, trained in positions.items():
         assert sorted(trained) == list(range(TRAIN_SPLIT)), f"epoch {epoch}: a sample lost or trained twice"
@@ -367,3 +369,61 @@ def test_c10d_rendezvous_host_lost_ends_the_job_in_one_line(tmp_path: Path, four
         assert last.startswith(f"multinode.sh: error: lost the c10d rendezvous at {endpoint} ("), last
         assert "RDZV_BACKEND=etcd-v2" in last, last
         assert "raise RendezvousConnectionError" not in log, log[-3000:]
+
+
+# Run on a test host before the command: a private, empty tmpfs over directory $0, seen by the
+# command and its children only (each command on a host has its own mount namespace).
+PRIVATE_DIR = 'mount -t tmpfs tmpfs "$0" && exec "$@"'
+
+
+def test_checkpoints_on_no_shared_storage_survive_losing_the_rank_zero_node(
+    tmp_path: Path, four_hosts: list[Host], etcd: str
+) -> None:
+    """As the etcd test above, but every host's checkpoint directory is its own (a tmpfs that only
+    that host's agent and workers see). The trainer finds that the directory is not shared, and
+    rank 0 sends every checkpoint to the other hosts, which keep a SHA-256-checked copy. Once the
+    three hosts have written a checkpoint and the other two hold their copies, every process of
+    the rank-0 host is killed: the survivors resume from that newest checkpoint (not from step 0),
+    finish, and every sample of both epochs is trained exactly once."""
+    run_dir, checkpoints, trainers = tmp_path / "run", tmp_path / "checkpoints", four_hosts[:3]
+    checkpoints.mkdir()
+    env = launch_env(
+        NNODES="2:3",
+        NPROC_PER_NODE="1",
+        MAX_RESTARTS="3",
+        RDZV_BACKEND="etcd-v2",
+        RDZV_ENDPOINT=etcd,
+        RDZV_ID=f"local-{os.getpid()}",
+        RDZV_CONF="last_call_timeout=3",
+    )
+    args = [*ELASTIC_ARGS, "--run-dir", str(run_dir), "--checkpoint-dir", str(checkpoints)]
+    cmd = ["sh", "-c", PRIVATE_DIR, str(checkpoints), str(LAUNCH / "multinode.sh"), *args]
+    agents = {host.name: host.run(cmd, env, tmp_path / f"{host.name}.log") for host in trainers}
+
+    def held(host: Host) -> list[int]:  # the steps of the world-size-3 checkpoints on ``host``
+        return checkpoint_steps(run_dir, 3, Path(f"/proc/{agents[host.name].pid}/root{checkpoints}"))
+
+    try:
+        wait_until(lambda: all(held(host) for host in trainers), 300, "a checkpoint on every host", every=0.1)
+        dead = rank_zero_host(trainers)
+        assert dead is not None
+        on_survivors = {host.name: held(host) for host in trainers if host != dead}
+        assert not any(checkpoints.iterdir()), "the hosts' directories must be their own"
+        kill_host(dead)
+        survivors = [host for host in trainers if host != dead]
+        statuses = {host.name: agents[host.name].wait(300) for host in survivors}
+        logs = {host.name: agents[host.name].output() for host in survivors}
+    finally:
+        for agent in agents.values():
+            agent.kill()
+    assert statuses == dict.fromkeys(statuses, 0), {name: log[-3000:] for name, log in logs.items()}
+    everything = "".join(logs.values())
+    assert "not shared between the nodes; each node keeps a copy" in everything
+    summary = read_summary(run_dir)
+    assert (summary["world_size"], summary["global_step"]) == (2, 160), summary
+    resumed = [int(step) for step in re.findall(r"resuming from \S+/step-\d+\.pt: step (\d+)", everything)]
+    assert resumed and min(resumed) >= min(max(steps) for steps in on_survivors.values()), (resumed, on_survivors)
+    positions = trained_positions(run_dir, by_restarts=False)
+    assert sorted(positions) == [1, 2]
+    for epoch, trained in positions.items():
+        assert sorted(trained) == list(range(TRAIN_SPLIT)), f"epoch {epoch}: a sample lost or trained twice"

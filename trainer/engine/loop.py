@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ from trainer.engine.export import export_model
 from trainer.engine.sampling import EpochPlan, epoch_permutation
 from trainer.lifecycle.checkpoint import FORMAT, save_checkpoint
 from trainer.lifecycle.guard import Diverged, all_finite, grads_finite, poison_nonfinite
+from trainer.lifecycle.replicas import Replicas
 from trainer.lifecycle.signals import StopRequested, StopSignal
 from trainer.lifecycle.train_state import TrainState
 from trainer.sync.comm import wrap_model
@@ -85,6 +87,8 @@ class Trainer:
         self.state = TrainState()
         self.resumed_from_step: int | None = None
         self.writer_wait = WriterWait(cfg.checkpoint_timeout, cfg.timeout)
+        # Set by the caller where checkpoints need copies on every node (no shared directory).
+        self.replicas: Replicas | None = None
         self.stop = StopSignal()
         self.progress = Progress(cfg, dist_env, device, task)
         self.clock = device_clock(device)
@@ -444,18 +448,21 @@ class Trainer:
             dist.gather_object(mine, gathered, dst=0)
         if os.environ.get(TEST_STOP_ENV) == f"{self.dist_env.rank}:{self.state.global_step}":
             os.kill(os.getpid(), signal.SIGSTOP)  # test-only: a rank that stalls here, until SIGCONT
+        written = None
         if self.dist_env.is_main:
             assert gathered is not None
-            self._write_checkpoint(gathered, scores)
+            written = self._write_checkpoint(gathered, scores)
         self.wait_for_writer(f"the checkpoint of step {self.state.global_step}")
+        if self.replicas is not None:
+            self.replicas.after_write(written)
 
     def wait_for_writer(self, what: str) -> None:
         """Every rank waits here for rank 0 to finish writing ``what``, under --checkpoint-timeout."""
         self.writer_wait.wait(what)
         self.progress.hang.expect_wait(0)
 
-    def _write_checkpoint(self, gathered: list[Any], scores: dict[str, Any] | None) -> None:
-        """Rank 0's part of ``write_checkpoint``: the payload, and the file."""
+    def _write_checkpoint(self, gathered: list[Any], scores: dict[str, Any] | None) -> Path | None:
+        """Rank 0's part of ``write_checkpoint``: the payload, and the file; its path, or None."""
         per_rank = self.comm is not None and self.comm.per_rank_state
         started = time.perf_counter()
         payload = self.state_dict()
@@ -466,7 +473,7 @@ class Trainer:
             log.error(
                 "checkpoint of step %d not written: the model or optimiser holds NaN or Inf", self.state.global_step
             )
-            return
+            return None
         best = None
         if scores is not None:
             best = {"name": self.task.best[0], "value": scores.get(self.task.best[0]), "mode": self.task.best[1]}
@@ -480,5 +487,6 @@ class Trainer:
                 self.state.global_step,
                 exc.strerror or exc,
             )
-            return
+            return None
         log.info("checkpoint %s written in %.0f ms", path, (time.perf_counter() - started) * 1e3)
+        return path
