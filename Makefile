@@ -9,7 +9,7 @@ NPROC ?= 2
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e '.[test,bench,report,tensorboard]'
+	$(BIN)/python -m pip install --quiet -e '.[test,bench,report,tensorboard,etcd]'
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -62,19 +62,25 @@ def has_trained(run_dir: Path, rank: int) -> bool:
     return bool(first_steps(run_dir, str(rank)))
 
 
-def trained_positions(run_dir: Path) -> dict[int, list[int]]:
+def trained_positions(run_dir: Path, by_restarts: bool = True) -> dict[int, list[int]]:
     """Epoch -> the training positions of every step that counts, from ``--record-samples`` files.
 
     A process that was killed may have trained past the checkpoint that the next attempt resumed
     from; those steps were redone, so a step counts only from the latest attempt that trained it.
     An attempt is one start of the worker group: its run id, restart count and resumed step (a
     requeued Slurm job starts torchrun again with the same run id and restart count 0).
+
+    ``by_restarts=False`` tells attempts apart by world size instead of restart count: after a node
+    is lost, torchrun's agents may count the restart differently (one restarted its failed
+    worker, another only followed the membership change), yet their ranks form one attempt. Two
+    attempts that this merges by mistake would show their common samples twice, never hide one.
     """
     attempts: dict[tuple[Any, ...], dict[str, Any]] = {}
     for path in sorted((run_dir / "samples").glob("*.jsonl")):
         lines = records(path)
         start = lines[0]
-        key = (start["run_id"], start["restarts"], start["resumed_from_step"]) if start["run_id"] else (path.name,)
+        count = start["restarts"] if by_restarts else start["world_size"]
+        key = (start["run_id"], count, start["resumed_from_step"]) if start["run_id"] else (path.name,)
         attempt = attempts.setdefault(key, {"time": start["time"], "resumed": start["resumed_from_step"], "steps": []})
         attempt["time"] = min(attempt["time"], start["time"])
         attempt["steps"] += [r for r in lines[1:] if "positions" in r]

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import psutil
 from conftest import Launched, clean_env, free_port, read_summary, wait_until
-from faults import first_steps, latest_step, trained_positions
+from faults import first_steps, latest_step, trained_positions, workers
 
 from trainer.distributed.jobs import torchrun_command
+from trainer.engine.loop import TEST_STOP_ENV
 from trainer.engine.sampling import epoch_permutation
 from trainer.lifecycle.signals import REPEAT_WINDOW_S
 
@@ -137,6 +138,86 @@ def test_survivor_of_an_unresponsive_peer_exits_after_the_timeout(tmp_path: Path
     assert re.fullmatch(r"rank 1 \(no heartbeat for \d+ s, the last at step \d+\)", missing), error
     shm_wait = r"rank\(s\) 1 did not reach .* within 5 s"
     gloo_wait = r".*Timed out waiting 5000ms for (recv|send) operation to complete"
-    assert re.fullmatch(f"{shm_wait}|{gloo_wait}", cause), error
+    # ... or, if rank 1 froze as rank 0 was writing a checkpoint, in the meeting after the write.
+    writer_wait = r"after writing the checkpoint of step \d+, .*Ranks 1 failed to pass monitoredBarrier in 5000 ms"
+    assert re.fullmatch(f"{shm_wait}|{gloo_wait}|{writer_wait}", cause), error
     hang_file = (run_dir / "hang-rank0.txt").read_text()
     assert "rank 1 (no heartbeat" in hang_file, hang_file[:2000]
+
+
+def stalled_checkpoint_job(
+    tmp_path: Path, checkpoint_timeout: str, rank: int = 0
+) -> tuple[Path, Launched, psutil.Process]:
+    """torchrun, two ranks, a checkpoint every 10 steps and ``--timeout 5``; ``rank`` stops itself
+    (SIGSTOP) at the checkpoint of step 10 (rank 0 as it starts writing it), and the test waits
+    until it has. Under torchrun, as users run it, the job's store lives in the agent, which stays up."""
+    run_dir = tmp_path / "run"
+    args = ["--run-dir", str(run_dir), "--batch-size", "64", "--timeout", "5", "--log-every", "5"]
+    args += ["--checkpoint-every", "10", "--max-steps", "30", "--checkpoint-timeout", checkpoint_timeout]
+    env = clean_env(**{TEST_STOP_ENV: f"{rank}:10"})
+    job = Launched(torchrun_command(2, "trainer", args), env, tmp_path / "job.log")
+    stalled = wait_until(lambda: workers(job.pid).get(rank), 120, f"rank {rank} to start", job)
+    assert isinstance(stalled, psutil.Process)
+    wait_until(lambda: stalled.status() == psutil.STATUS_STOPPED, 120, "the stop at the checkpoint of step 10", job)
+    return run_dir, job, stalled
+
+
+def test_a_slow_checkpoint_fails_no_peer_within_the_checkpoint_timeout(tmp_path: Path) -> None:
+    """Rank 0 stalls in its checkpoint for three times ``--timeout`` (and past the hang watchdog's
+    2 x --timeout); rank 1, waiting for it under ``--checkpoint-timeout``, neither fails nor reports
+    a hang, and the run finishes once rank 0 goes on."""
+    run_dir, job, rank0 = stalled_checkpoint_job(tmp_path, "120")
+    try:
+        time.sleep(15)
+        assert set(workers(job.pid)) == {0, 1}, job.output()[-3000:]  # rank 1 still waits
+        rank0.resume()
+        code = job.wait(120)
+    finally:
+        job.kill()
+    assert code == 0, job.output()[-3000:]
+    assert read_summary(run_dir)["global_step"] == 30
+    assert not list(run_dir.glob("hang-rank*.txt"))
+
+
+def test_a_stalled_checkpoint_fails_the_peers_naming_rank_zero(tmp_path: Path) -> None:
+    """Rank 0 stays stopped in its checkpoint: rank 1 gives up after ``--checkpoint-timeout`` (8 s),
+    not ``--timeout`` (5 s), with an error that names rank 0 and the checkpoint it was writing."""
+    _, job, _ = stalled_checkpoint_job(tmp_path, "8")
+    try:
+        stalled_at = time.monotonic()
+        wait_until(lambda: "[rank1]: " in job.output(), 120, "rank 1 to fail", job)
+        waited = time.monotonic() - stalled_at
+        assert job.wait(120) != 0
+    finally:
+        job.kill()
+    assert 7 < waited < 60, f"rank 1 failed {waited:.1f} s after rank 0 stalled"
+    errors = [line for line in job.output().splitlines() if line.startswith("[rank1]: ") and "HangDetected" in line]
+    assert errors, job.output()[-4000:]
+    match = re.search(r"HangDetected: rank 1 gave up .*: did not arrive: (.*); stacks in \S+ \((.*)\)$", errors[-1])
+    assert match, errors[-1]
+    missing, cause = match.groups()
+    assert missing.startswith("rank 0 (no heartbeat for"), errors[-1]
+    blame = "rank 0 did not finish writing the checkpoint of step 10 within --checkpoint-timeout 8 s"
+    assert cause.startswith(blame), errors[-1]
+
+
+def test_a_peer_stalled_at_a_checkpoint_is_named_by_rank_zero_after_the_timeout(tmp_path: Path) -> None:
+    """Rank 1 stops at the checkpoint of step 10: rank 0, done writing, waits for it only ``--timeout``
+    (5 s), not ``--checkpoint-timeout``, and fails naming rank 1."""
+    _, job, _ = stalled_checkpoint_job(tmp_path, "120", rank=1)
+    try:
+        stalled_at = time.monotonic()
+        wait_until(lambda: "[rank0]: " in job.output(), 120, "rank 0 to fail", job)
+        waited = time.monotonic() - stalled_at
+        assert job.wait(120) != 0
+    finally:
+        job.kill()
+    assert 4 < waited < 60, f"rank 0 failed {waited:.1f} s after rank 1 stalled"
+    errors = [line for line in job.output().splitlines() if line.startswith("[rank0]: ") and "HangDetected" in line]
+    assert errors, job.output()[-4000:]
+    match = re.search(r"HangDetected: rank 0 gave up .*: did not arrive: (.*); stacks in \S+ \((.*)\)$", errors[-1])
+    assert match, errors[-1]
+    missing, cause = match.groups()
+    assert missing.startswith("rank 1 (no heartbeat for"), errors[-1]
+    blame = "after writing the checkpoint of step 10, the other ranks did not all arrive: "
+    assert cause.startswith(blame) and "Ranks 1 failed to pass monitoredBarrier in 5000 ms" in cause, errors[-1]

@@ -166,6 +166,7 @@ def test_multinode_sh_static_rendezvous_two_agents(tmp_path: Path, baseline: str
         ({"NNODES": "two", "RDZV_ENDPOINT": "h:1"}, "must be a node count"),
         ({"NNODES": "2"}, "set RDZV_ENDPOINT=host:port"),
         ({"RDZV_ENDPOINT": "node0"}, "must be host:port"),
+        ({"RDZV_ENDPOINT": "h:1", "RDZV_BACKEND": "zookeeper"}, "must be c10d or etcd-v2"),
         ({"NNODES": "1:2", "NODE_RANK": "0", "MASTER_ADDR": "h"}, "needs a fixed NNODES"),
         ({"NNODES": "2", "NODE_RANK": "0"}, "MASTER_ADDR is not"),
     ],

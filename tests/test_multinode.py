@@ -9,18 +9,23 @@ reason. docs/multinode.md says more.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from comm_worker import SUM_CALLS, known_terms
-from conftest import assert_ok, read_jsonl, read_summary, run_process, wait_all_ok, wait_until
+from conftest import assert_ok, read_jsonl, read_summary, run_process, run_torchrun, wait_all_ok, wait_until
+from etcd_server import etcd_on
+from faults import first_steps, latest_step, trained_positions
 from hosts import Host, HostsUnavailable, make_hosts
-from launching import LAUNCH, STEPS, launch_env, read_sha
+from launching import LAUNCH, STEPS, THREADS, launch_env, read_sha
 from safetensors.torch import load_file
 
 from trainer.distributed.jobs import torchrun_command
@@ -204,3 +209,221 @@ def test_survivor_finishes_alone_from_the_checkpoint(tmp_path: Path, hosts: list
     assert (summary["world_size"], summary["global_step"]) == (1, steps), summary
     assert "rank 0 of 1" in survivor_log  # restarted alone ...
     assert re.search(r"resuming from \S+/checkpoints/", survivor_log)  # ... from the checkpoint, not from scratch
+
+
+# The elastic runs below: a global batch that both 3 and 2 ranks divide, so a resume at either
+# world size optimises alike; two epochs, a checkpoint every few steps, every one kept (the test
+# replays from the one the survivors resumed from), and every trained sample recorded.
+ELASTIC_ARGS = (
+    *("--global-batch-size", "600", "--epochs", "2", "--log-every", "5", "--checkpoint-every", "5"),
+    *("--keep-checkpoints", "1000", "--record-samples", "--timeout", "30"),
+)
+TRAIN_SPLIT = 48_000
+
+
+@pytest.fixture
+def four_hosts(tmp_path: Path) -> Iterator[list[Host]]:
+    """Four hosts on one link: three for trainers, the last for etcd."""
+    try:
+        with make_hosts(4, tmp_path) as made:
+            yield made
+    except HostsUnavailable as exc:
+        reason = f"cannot make test hosts (root, iproute2 and util-linux needed): {exc}"
+        print(reason)
+        pytest.skip(reason)
+
+
+@pytest.fixture
+def etcd(tmp_path: Path, four_hosts: list[Host]) -> Iterator[str]:
+    """A real etcd (v2 API on) alone on the last host; its client address ``host:port``."""
+    with etcd_on(four_hosts[-1], tmp_path) as endpoint:
+        yield endpoint
+
+
+def host_processes(host: Host) -> list[psutil.Process]:
+    """Every live process on ``host`` (all of them share its network namespace)."""
+    found = []
+    for proc in psutil.process_iter(["status"]):
+        if proc.info["status"] != psutil.STATUS_ZOMBIE and host.runs(proc.pid):
+            found.append(proc)
+    return found
+
+
+def kill_host(host: Host) -> list[str]:
+    """The host dies: SIGKILL to every process on it at once (its torchrun agent and the workers,
+    which torchrun starts in sessions of their own); the command lines killed."""
+    doomed, killed = [], []
+    for proc in host_processes(host):  # every command line first: some die with their parent
+        with contextlib.suppress(psutil.Error):
+            killed.append(" ".join(proc.cmdline()))
+            doomed.append(proc)
+    for proc in doomed:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(doomed, timeout=10)
+    return killed
+
+
+def rank_zero_host(hosts: list[Host]) -> Host | None:
+    """The host whose trainer runs as rank 0 now, if any."""
+    for host in hosts:
+        for proc in host_processes(host):
+            with contextlib.suppress(psutil.Error):
+                cmdline = proc.cmdline()
+                if (
+                    proc.environ().get("RANK") == "0"
+                    and "trainer.distributed.agent" not in cmdline
+                    and "trainer" in cmdline
+                ):
+                    return host
+    return None
+
+
+def checkpoint_steps(run_dir: Path, world_size: int, directory: Path | None = None) -> list[int]:
+    """The steps of the complete checkpoints that ``world_size`` ranks wrote (in ``directory``,
+    by default the run's own)."""
+    steps = []
+    for path in sorted((directory or run_dir / "checkpoints").glob("step-*.pt")):
+        with contextlib.suppress(Exception):  # one being written, or renamed away
+            if torch.load(path, weights_only=True, map_location="cpu")["world_size"] == world_size:
+                steps.append(int(path.stem.split("-")[1]))
+    return steps
+
+
+def test_etcd_rendezvous_survives_losing_the_rank_zero_node(tmp_path: Path, four_hosts: list[Host], etcd: str) -> None:
+    """Three trainer hosts (one rank each) meet at etcd on a fourth, ``NNODES=2:3``. Mid-run every
+    process of the host that holds rank 0 is killed, its agent too. The two survivors meet again
+    at etcd, resume from the newest checkpoint at world size 2 and finish; every sample of both
+    epochs is trained exactly once, and the final weights are bit for bit those of a run resumed
+    from that same checkpoint at world size 2 on one host (two ranks, gloo: a sum of two terms
+    has one order)."""
+    run_dir, trainers = tmp_path / "run", four_hosts[:3]
+    env = launch_env(
+        NNODES="2:3",
+        NPROC_PER_NODE="1",
+        MAX_RESTARTS="3",
+        RDZV_BACKEND="etcd-v2",
+        RDZV_ENDPOINT=etcd,
+        RDZV_ID=f"etcd-{os.getpid()}",
+        RDZV_CONF="last_call_timeout=3",
+    )
+    cmd = [str(LAUNCH / "multinode.sh"), *ELASTIC_ARGS, "--run-dir", str(run_dir)]
+    agents = {host.name: host.run(cmd, env, tmp_path / f"{host.name}.log") for host in trainers}
+    try:
+        wait_until(lambda: checkpoint_steps(run_dir, 3), 300, "a checkpoint of the three hosts", every=0.1)
+        dead = rank_zero_host(trainers)
+        assert dead is not None
+        step_at_kill, killed_at = latest_step(run_dir), time.time()
+        killed = kill_host(dead)
+        assert any("-m trainer.distributed.agent" in cmd for cmd in killed), killed  # the agent ...
+        assert any(" -u -m trainer " in cmd for cmd in killed), killed  # ... and the worker
+        survivors = [host for host in trainers if host != dead]
+        statuses = {host.name: agents[host.name].wait(300) for host in survivors}
+        logs = {host.name: agents[host.name].output() for host in survivors}
+    finally:
+        for agent in agents.values():
+            agent.kill()
+    assert statuses == dict.fromkeys(statuses, 0), {name: log[-3000:] for name, log in logs.items()}
+    summary = read_summary(run_dir)
+    assert (summary["world_size"], summary["global_step"]) == (2, 160), summary
+    assert "one directory, shared by every rank" in "".join(logs.values())  # so no copies were sent
+    resumed = re.findall(r"resuming from (\S+/checkpoints/step-\d+\.pt): step (\d+)", "".join(logs.values()))
+    assert resumed, logs
+    checkpoint, step = max(resumed, key=lambda found: int(found[1]))
+    assert int(step) in checkpoint_steps(run_dir, 3)  # written by the three, before the kill
+    back = min(r["time"] for r in first_steps(run_dir) if r["world_size"] == 2)
+    print(f"recovery: {back - killed_at:.1f} s from the kill to the first step at world size 2;", end=" ")
+    print(f"resumed from step {step}, the last step logged before the kill was {step_at_kill}")
+    positions = trained_positions(run_dir, by_restarts=False)
+    assert sorted(positions) == [1, 2]
+    for epoch, trained in positions.items():
+        assert sorted(trained) == list(range(TRAIN_SPLIT)), f"epoch {epoch}: a sample lost or trained twice"
+
+    replay = tmp_path / "replay"
+    args = [*ELASTIC_ARGS, "--comm", "gloo", "--run-dir", str(replay), "--resume", checkpoint]
+    assert_ok(run_torchrun(2, args, timeout=300, **THREADS))
+    assert read_sha(replay) == summary["params_sha256"]
+
+
+def test_c10d_rendezvous_host_lost_ends_the_job_in_one_line(tmp_path: Path, four_hosts: list[Host]) -> None:
+    """The same three hosts and kill under c10d, whose rendezvous lives inside the agent on the node
+    RDZV_ENDPOINT names: that node's processes are all killed mid-run. The survivors cannot meet
+    again; each ends with exit status 1 and, as its last line, one that names the lost rendezvous
+    and the way out, with no traceback of the rendezvous error."""
+    run_dir, trainers = tmp_path / "run", four_hosts[:3]
+    env = agent_env(trainers[0], "2:3", 1, rdzv_conf="last_call_timeout=3", MAX_RESTARTS="3", RDZV_ID="c10d")
+    cmd = [str(LAUNCH / "multinode.sh"), *ELASTIC_ARGS, "--run-dir", str(run_dir)]
+    agents = {host.name: host.run(cmd, env, tmp_path / f"{host.name}.log") for host in trainers}
+    try:
+        wait_until(lambda: checkpoint_steps(run_dir, 3), 300, "a checkpoint of the three hosts", every=0.1)
+        assert any("-m trainer.distributed.agent" in cmd for cmd in kill_host(trainers[0]))
+        statuses = {host.name: agents[host.name].wait(300) for host in trainers[1:]}
+        logs = {host.name: agents[host.name].output() for host in trainers[1:]}
+    finally:
+        for agent in agents.values():
+            agent.kill()
+    endpoint = f"{trainers[0].name}:{RDZV_PORT}"
+    for name, log in logs.items():
+        assert statuses[name] == 1, log[-3000:]
+        last = log.strip().splitlines()[-1]
+        assert last.startswith(f"multinode.sh: error: lost the c10d rendezvous at {endpoint} ("), last
+        assert "RDZV_BACKEND=etcd-v2" in last, last
+        assert "raise RendezvousConnectionError" not in log, log[-3000:]
+
+
+# Run on a test host before the command: a private, empty tmpfs over directory $0, seen by the
+# command and its children only (each command on a host has its own mount namespace).
+PRIVATE_DIR = 'mount -t tmpfs tmpfs "$0" && exec "$@"'
+
+
+def test_checkpoints_on_no_shared_storage_survive_losing_the_rank_zero_node(
+    tmp_path: Path, four_hosts: list[Host], etcd: str
+) -> None:
+    """As the etcd test above, but every host's checkpoint directory is its own (a tmpfs that only
+    that host's agent and workers see). The trainer finds that the directory is not shared, and
+    rank 0 sends every checkpoint to the other hosts, which keep a SHA-256-checked copy. Once the
+    three hosts have written a checkpoint and the other two hold their copies, every process of
+    the rank-0 host is killed: the survivors resume from that newest checkpoint (not from step 0),
+    finish, and every sample of both epochs is trained exactly once."""
+    run_dir, checkpoints, trainers = tmp_path / "run", tmp_path / "checkpoints", four_hosts[:3]
+    checkpoints.mkdir()
+    env = launch_env(
+        NNODES="2:3",
+        NPROC_PER_NODE="1",
+        MAX_RESTARTS="3",
+        RDZV_BACKEND="etcd-v2",
+        RDZV_ENDPOINT=etcd,
+        RDZV_ID=f"local-{os.getpid()}",
+        RDZV_CONF="last_call_timeout=3",
+    )
+    args = [*ELASTIC_ARGS, "--run-dir", str(run_dir), "--checkpoint-dir", str(checkpoints)]
+    cmd = ["sh", "-c", PRIVATE_DIR, str(checkpoints), str(LAUNCH / "multinode.sh"), *args]
+    agents = {host.name: host.run(cmd, env, tmp_path / f"{host.name}.log") for host in trainers}
+
+    def held(host: Host) -> list[int]:  # the steps of the world-size-3 checkpoints on ``host``
+        return checkpoint_steps(run_dir, 3, Path(f"/proc/{agents[host.name].pid}/root{checkpoints}"))
+
+    try:
+        wait_until(lambda: all(held(host) for host in trainers), 300, "a checkpoint on every host", every=0.1)
+        dead = rank_zero_host(trainers)
+        assert dead is not None
+        on_survivors = {host.name: held(host) for host in trainers if host != dead}
+        assert not any(checkpoints.iterdir()), "the hosts' directories must be their own"
+        kill_host(dead)
+        survivors = [host for host in trainers if host != dead]
+        statuses = {host.name: agents[host.name].wait(300) for host in survivors}
+        logs = {host.name: agents[host.name].output() for host in survivors}
+    finally:
+        for agent in agents.values():
+            agent.kill()
+    assert statuses == dict.fromkeys(statuses, 0), {name: log[-3000:] for name, log in logs.items()}
+    everything = "".join(logs.values())
+    assert "not shared between the nodes; each node keeps a copy" in everything
+    summary = read_summary(run_dir)
+    assert (summary["world_size"], summary["global_step"]) == (2, 160), summary
+    resumed = [int(step) for step in re.findall(r"resuming from \S+/step-\d+\.pt: step (\d+)", everything)]
+    assert resumed and min(resumed) >= min(max(steps) for steps in on_survivors.values()), (resumed, on_survivors)
+    positions = trained_positions(run_dir, by_restarts=False)
+    assert sorted(positions) == [1, 2]
+    for epoch, trained in positions.items():
+        assert sorted(trained) == list(range(TRAIN_SPLIT)), f"epoch {epoch}: a sample lost or trained twice"

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 from conftest import assert_ok, read_summary, run_torchrun, wait_until
+from etcd_server import etcd_on
 from faults import has_trained, trained_positions
 from hosts import IFNAME
 from launching import LAUNCH, STEPS, THREADS, launch_env, read_sha
@@ -28,6 +30,11 @@ pytestmark = pytest.mark.timeout(900)
 TRAIN_SPLIT = 48_000
 # Long enough that a requeue lands mid-run, short enough for the suite.
 LONG_STEPS = 400
+# Another program on a node, listening on port argv[1].
+LISTEN = (
+    "import socket, sys, time; s = socket.socket(); s.bind(('', int(sys.argv[1]))); s.listen(); "
+    "print('listening', flush=True); time.sleep(900)"
+)
 LONG = ("--max-steps", str(LONG_STEPS), "--epochs", "1", "--log-every", "10", "--checkpoint-every", "100")
 
 
@@ -85,6 +92,45 @@ def test_sbatch_trains_on_two_nodes_like_one_host(tmp_path: Path, cluster: Slurm
     assert fields["NodeList"] == "node[0-1]", fields
     assert f"2 node(s) x 1, rendezvous {cluster.hosts[0].addr}:" in out
     assert "gradient sync: gloo (auto: shared memory unavailable (the group spans 2 hosts" in out
+    summary = read_summary(run_dir)
+    assert (summary["world_size"], summary["global_step"]) == (2, 30)
+    assert summary["params_sha256"] == reference
+
+
+def test_jobs_sharing_nodes_get_different_ports(tmp_path: Path, cluster: SlurmCluster) -> None:
+    """Two jobs at once on the same two nodes, while another program listens on the first port of
+    the range on the first node: each job takes a port of its own (the script probes the port and
+    holds a lock on it), neither the taken one, and both train like one host."""
+    reference = one_host_reference(tmp_path / "one-host", STEPS)
+    low = 29400
+    listener = cluster.hosts[0].run([sys.executable, "-c", LISTEN, str(low)], launch_env(), tmp_path / "listener.log")
+    try:
+        wait_until(lambda: "listening" in listener.output(), 30, "the other program to listen")
+        jobs = {}
+        for name in ("first", "second"):
+            run_dir = tmp_path / name / "run"
+            jobs[name] = (submit(cluster, run_dir, STEPS, RDZV_PORTS=f"{low}-{low + 9}"), run_dir)
+        ports = set()
+        for job_id, run_dir in jobs.values():
+            assert_completed(cluster, job_id, run_dir, 240)
+            found = re.findall(rf"rendezvous {re.escape(cluster.hosts[0].addr)}:(\d+)", job_output(run_dir, job_id))
+            assert len(found) == 1, job_output(run_dir, job_id)[-4000:]
+            ports.add(int(found[0]))
+            assert read_sha(run_dir) == reference
+    finally:
+        listener.kill()
+    assert ports == {low + 1, low + 2}, ports
+
+
+def test_sbatch_with_etcd_rendezvous_trains_like_one_host(tmp_path: Path, cluster: SlurmCluster) -> None:
+    """``RDZV_BACKEND=etcd-v2``: the agents meet at an etcd server (here on the first node, as a
+    process of its own) instead of a port the script picks; the run trains like one host."""
+    reference = one_host_reference(tmp_path / "one-host", STEPS)
+    run_dir = tmp_path / "run"
+    with etcd_on(cluster.hosts[0], tmp_path) as endpoint:
+        job_id = submit(cluster, run_dir, STEPS, RDZV_BACKEND="etcd-v2", RDZV_ENDPOINT=endpoint)
+        assert_completed(cluster, job_id, run_dir, 240)
+    assert f"rendezvous {endpoint} (etcd-v2)" in job_output(run_dir, job_id)
     summary = read_summary(run_dir)
     assert (summary["world_size"], summary["global_step"]) == (2, 30)
     assert summary["params_sha256"] == reference

@@ -25,6 +25,7 @@ from trainer.distributed.rendezvous import destroy_process_group, init_process_g
 from trainer.engine.loop import Trainer
 from trainer.lifecycle.checkpoint import check_writable, choose_checkpoint, compatibility, set_aside_newer
 from trainer.lifecycle.guard import DIVERGED_EXIT_CODE, Diverged
+from trainer.lifecycle.replicas import Replicas
 from trainer.lifecycle.rundir import check_run_dir, finished_run, prepare_run_dir, starts_fresh
 from trainer.lifecycle.runlock import RunLock
 from trainer.lifecycle.signals import StopRequested
@@ -148,14 +149,18 @@ def run_locked(cfg: TrainConfig, task: Task, dist_env: DistEnv, device: torch.de
     # Only rank 0 writes checkpoints, but every rank must know it can, or they all stop now.
     # (This collective also keeps every rank out of the run directory until rank 0 has prepared it.)
     agree_to_start(check_writable(cfg.checkpoint_root) if dist_env.is_main else None, device)
+    replicas = Replicas(cfg.checkpoint_root, dist_env, cfg.keep_checkpoints, cfg.checkpoint_timeout)
+    if cfg.resume == "auto":
+        replicas.fetch_newest()  # where nodes keep their own copies: the newest any holds, to all
     chosen = pick_checkpoint(cfg, task, device)
     trainer = Trainer(cfg, dist_env, device, task, splits)
+    trainer.replicas = None if replicas.shared else replicas
     if chosen is not None:
         trainer.load_state_dict(chosen[1])
         log_resume(chosen[0], chosen[1], trainer)
     elif cfg.resume == "auto":
         log.info("no checkpoint in %s; starting at step 0", cfg.checkpoint_root)
-    if dist_env.is_main:
+    if dist_env.is_main or (not replicas.shared and dist_env.local_rank == 0):  # each node's own copies too
         moved = set_aside_newer(cfg.checkpoint_root, trainer.state.global_step)
         if moved:
             log.warning("set aside checkpoint files newer than the resumed step: %s", ", ".join(moved))

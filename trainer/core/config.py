@@ -87,6 +87,11 @@ class TrainConfig:
         None, "Clip the gradients' global L2 norm to this value after the sync, before each optimiser step."
     )
     timeout: float = _opt(120.0, "Seconds a collective may wait for a peer before the run fails instead of hanging.")
+    checkpoint_timeout: float = _opt(
+        1800.0,
+        "Seconds the other ranks wait for rank 0 to write a checkpoint or export the model before the run fails, "
+        "naming rank 0 and what it was writing; apart from --timeout, so a slow disk on rank 0 fails no gradient wait.",
+    )
     log_every: int = _opt(
         100, "Log progress, record a per-rank step sample and act on a stop signal (SIGTERM/SIGINT) every N steps."
     )
@@ -134,6 +139,7 @@ class TrainConfig:
             (0 <= self.beta2 < 1, "--beta2 must be in [0, 1), e.g. 0.99"),
             (self.max_steps is None or self.max_steps >= 1, "--max-steps must be at least 1"),
             (self.timeout > 0, "--timeout must be positive"),
+            (self.checkpoint_timeout > 0, "--checkpoint-timeout must be positive"),
             (self.comm_warmup_steps is None or self.comm_warmup_steps >= 2, "--comm-warmup-steps must be at least 2"),
             (self.clip_grad_norm is None or self.clip_grad_norm > 0, "--clip-grad-norm must be positive, e.g. 1.0"),
             (self.log_every >= 1, "--log-every must be at least 1"),

@@ -7,6 +7,8 @@ the ranks that did wait until ``--timeout``.
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import torch
 import torch.distributed as dist
 
@@ -65,3 +67,40 @@ def agree_on_step(step: int, device: torch.device) -> None:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+class WriterWait:
+    """Where the other ranks wait for rank 0 to finish writing (a checkpoint, the exported model).
+
+    Rank 0 writes alone; without a meeting point the others would run ahead into the next
+    gradient exchange and wait there, under ``--timeout``, failing a healthy job whenever a write
+    takes longer than a gradient may. Here they meet in a monitored barrier of a gloo group of its
+    own: the others wait for rank 0 up to ``--checkpoint-timeout``, and a wait that runs out says
+    it was rank 0's write they waited for; rank 0, which arrives last, waits for them only
+    ``--timeout``, and names those that did not come. Made on every rank at the same point
+    (``new_group`` is a collective).
+    """
+
+    def __init__(self, timeout_s: float, peer_timeout_s: float) -> None:
+        self.timeout_s, self.peer_timeout_s = timeout_s, peer_timeout_s
+        # The group's own timeout bounds the others' wait for rank 0's answer.
+        self.group = (
+            dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s)) if dist.is_initialized() else None
+        )
+
+    def wait(self, what: str) -> None:
+        """Every rank, once rank 0 has finished writing ``what`` (or given up on it)."""
+        if self.group is None:
+            return
+        writer = dist.get_rank() == 0
+        limit = timedelta(seconds=self.peer_timeout_s if writer else self.timeout_s)
+        try:
+            dist.monitored_barrier(group=self.group, timeout=limit, wait_all_ranks=True)
+        except (RuntimeError, dist.DistError) as exc:
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if writer:
+                raise dist.DistError(f"after writing {what}, the other ranks did not all arrive: {detail}") from exc
+            raise dist.DistError(
+                f"rank 0 did not finish writing {what} within --checkpoint-timeout {self.timeout_s:g} s, "
+                f"or is gone ({detail})"
+            ) from exc

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,7 +20,7 @@ from trainer.core.optim import hyperparameters, reapply
 from trainer.core.rng import capture_rng, restore_rng, seed_rank
 from trainer.core.task import Splits, Task
 from trainer.core.weights import count_parameters
-from trainer.distributed.collectives import any_rank, barrier, reduce_sum
+from trainer.distributed.collectives import WriterWait, any_rank, barrier, reduce_sum
 from trainer.distributed.env import DistEnv
 from trainer.engine.cuda_graph import GraphedStep, use_cuda_graph
 from trainer.engine.evaluation import evaluate_split, step_figures
@@ -26,6 +28,7 @@ from trainer.engine.export import export_model
 from trainer.engine.sampling import EpochPlan, epoch_permutation
 from trainer.lifecycle.checkpoint import FORMAT, save_checkpoint
 from trainer.lifecycle.guard import Diverged, all_finite, grads_finite, poison_nonfinite
+from trainer.lifecycle.replicas import Replicas
 from trainer.lifecycle.signals import StopRequested, StopSignal
 from trainer.lifecycle.train_state import TrainState
 from trainer.sync.comm import wrap_model
@@ -34,6 +37,11 @@ from trainer.watch.metrics import StepTimes
 from trainer.watch.progress import Progress
 
 log = logging.getLogger(__name__)
+
+
+# Test-only, "RANK:STEP": that rank stops itself (SIGSTOP) at the checkpoint of that step, rank 0
+# as it starts writing it, another rank before it waits for rank 0.
+TEST_STOP_ENV = "TRAINER_TEST_STOP_AT_CHECKPOINT"
 
 
 class Trainer:
@@ -78,6 +86,9 @@ class Trainer:
         )
         self.state = TrainState()
         self.resumed_from_step: int | None = None
+        self.writer_wait = WriterWait(cfg.checkpoint_timeout, cfg.timeout)
+        # Set by the caller where checkpoints need copies on every node (no shared directory).
+        self.replicas: Replicas | None = None
         self.stop = StopSignal()
         self.progress = Progress(cfg, dist_env, device, task)
         self.clock = device_clock(device)
@@ -302,8 +313,10 @@ class Trainer:
                     log.info("stopped at --max-steps %d, inside epoch %d", self.cfg.max_steps, self.state.epoch + 1)
                     break
             test = self.evaluate("test")
+            self.progress.hang.expect_wait(self.cfg.checkpoint_timeout)
             if self.dist_env.is_main:  # before the summary, which marks the run finished
                 export_model(self.cfg, self.task, self.model, self.state, test, self.splits)
+            self.wait_for_writer("the exported model")
         except Exception as exc:
             self.progress.hang.failed(exc)  # a wait for peers that failed: raises, naming who did not arrive
             raise
@@ -422,17 +435,35 @@ class Trainer:
         option's per-rank state): a collective, which every rank reaches at the same step; a dead
         peer fails it after --timeout instead of hanging. The write itself waits for nobody.
         A failed write (full disk, say) is a warning: training goes on and the earlier
-        checkpoints stay.
+        checkpoints stay. The other ranks then wait for rank 0 under --checkpoint-timeout, not
+        --timeout (``WriterWait``).
         """
+        # From here until the wait below no step completes by design: no watchdog report meanwhile.
+        self.progress.hang.expect_wait(self.cfg.checkpoint_timeout)
         per_rank = self.comm is not None and self.comm.per_rank_state
         mine = {"rng": capture_rng(), **({"state": self.rank_state()} if per_rank else {})}
         gathered: list[Any] | None = [mine]
         if self.dist_env.distributed:
             gathered = [None] * self.dist_env.world_size if self.dist_env.is_main else None
             dist.gather_object(mine, gathered, dst=0)
-        if not self.dist_env.is_main:
-            return
-        assert gathered is not None
+        if os.environ.get(TEST_STOP_ENV) == f"{self.dist_env.rank}:{self.state.global_step}":
+            os.kill(os.getpid(), signal.SIGSTOP)  # test-only: a rank that stalls here, until SIGCONT
+        written = None
+        if self.dist_env.is_main:
+            assert gathered is not None
+            written = self._write_checkpoint(gathered, scores)
+        self.wait_for_writer(f"the checkpoint of step {self.state.global_step}")
+        if self.replicas is not None:
+            self.replicas.after_write(written)
+
+    def wait_for_writer(self, what: str) -> None:
+        """Every rank waits here for rank 0 to finish writing ``what``, under --checkpoint-timeout."""
+        self.writer_wait.wait(what)
+        self.progress.hang.expect_wait(0)
+
+    def _write_checkpoint(self, gathered: list[Any], scores: dict[str, Any] | None) -> Path | None:
+        """Rank 0's part of ``write_checkpoint``: the payload, and the file; its path, or None."""
+        per_rank = self.comm is not None and self.comm.per_rank_state
         started = time.perf_counter()
         payload = self.state_dict()
         payload["rng"] = [rank["rng"] for rank in gathered]
@@ -442,7 +473,7 @@ class Trainer:
             log.error(
                 "checkpoint of step %d not written: the model or optimiser holds NaN or Inf", self.state.global_step
             )
-            return
+            return None
         best = None
         if scores is not None:
             best = {"name": self.task.best[0], "value": scores.get(self.task.best[0]), "mode": self.task.best[1]}
@@ -456,5 +487,6 @@ class Trainer:
                 self.state.global_step,
                 exc.strerror or exc,
             )
-            return
+            return None
         log.info("checkpoint %s written in %.0f ms", path, (time.perf_counter() - started) * 1e3)
+        return path

@@ -108,6 +108,22 @@ def save_checkpoint(
     return path
 
 
+def save_copy(directory: Path, data: bytes, manifest: dict[str, Any], keep: int) -> Path:
+    """Store a checkpoint written elsewhere (its bytes and manifest, checked by the caller) as
+    ``save_checkpoint`` stores its own: ``.pt``, manifest, pointers, prune."""
+    step = int(manifest["step"])
+    path = checkpoint_path(directory, step)
+    if path.name != manifest["file"]:
+        raise CheckpointError(f"manifest names {manifest['file']!r}, not {path.name!r}")
+    directory.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".json").unlink(missing_ok=True)
+    atomic_write_bytes(path, data)
+    write_json(path.with_suffix(".json"), manifest)
+    write_pointers(directory, manifest)
+    prune(directory, keep, newest=step)
+    return path
+
+
 def prune(directory: Path, keep: int, newest: int) -> None:
     """Keep the ``keep`` newest checkpoints up to step ``newest`` and the best; drop others and stray temporaries."""
     older = [p for p in list_checkpoints(directory) if step_of(p) <= newest]

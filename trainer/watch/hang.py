@@ -60,6 +60,8 @@ class HangWatch:
         self.path = run_dir / f"hang-rank{dist_env.rank}.txt"
         self.dist_env, self.timeout_s = dist_env, timeout_s
         self.last_step, self.last_step_at = 0, time.time()
+        # Until then the watchdog keeps quiet: a wait for rank 0's write has its own limit.
+        self.quiet_until = 0.0
         self._written = threading.Lock()
         self._stop = threading.Event()
         self._store: dist.Store | None = None
@@ -77,13 +79,19 @@ class HangWatch:
         """Note a completed step (two attribute writes: cheap enough for every step)."""
         self.last_step, self.last_step_at = step, time.time()
 
+    def expect_wait(self, seconds: float) -> None:
+        """No step will complete for up to ``seconds`` by design (the others wait for rank 0's
+        checkpoint or export under --checkpoint-timeout): no watchdog report meanwhile."""
+        self.quiet_until = time.time() + seconds
+
     def stop(self) -> None:
         self._stop.set()
 
     def _run(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
             self._beat()
-            stalled = time.time() - self.last_step_at
+            now = time.time()
+            stalled = now - max(self.last_step_at, min(self.quiet_until, now))
             if stalled > 2 * self.timeout_s:
                 self.write(f"no step completed for {stalled:.0f} s (watchdog; --timeout {self.timeout_s:g} s)")
 
