@@ -41,7 +41,7 @@ class TrainConfig:
     )
     task: str = _opt(
         "mnist-mlp",
-        "What to train: a built-in task (mnist-mlp), package.module:Name, or path/to/file.py:Name "
+        "What to train: a built-in task (mnist-mlp, shakespeare-char), package.module:Name, or path/to/file.py:Name "
         "(a trainer.Task subclass; docs/tasks.md). Its own options follow under its name in --help.",
     )
     lr: float = _opt(0.01, "Learning rate (with the task's default optimiser).")
