@@ -176,6 +176,7 @@ def run_locked(cfg: TrainConfig, task: Task, dist_env: DistEnv, device: torch.de
 # Commands besides training (``trainer NAME ARGS``): each module's ``main(argv)`` runs it.
 COMMANDS: dict[str, str] = {
     "evaluate": "trainer.commands.evaluate",
+    "generate": "trainer.commands.generate",
     "report": "trainer.watch.report",
     "platform": "trainer.watch.machine",
 }

@@ -236,7 +236,8 @@ def build_parser(options: type | None = None, task_name: str = "", defaults: Any
         description="Train a task (an MLP on MNIST by default), one process or many (torchrun or exported "
         "RANK/WORLD_SIZE).",
         epilog="Other commands: trainer evaluate PATH (loss and metrics of a run directory, checkpoint or exported "
-        "model; docs/using-the-model.md); trainer report RUN_DIR (report.html with plots); trainer platform "
+        "model; docs/using-the-model.md); trainer generate RUN_DIR (text from a language model; "
+        "docs/shakespeare.md); trainer report RUN_DIR (report.html with plots); trainer platform "
         "(the machine and software, with measured figures; docs/watching.md). Each takes --help.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
