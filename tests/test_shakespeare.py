@@ -152,3 +152,12 @@ def test_generate_refuses_a_run_of_another_task(tmp_path: Path) -> None:
     assert_ok(run_trainer(["--hidden", "8", "--max-steps", "2", "--run-dir", str(run_dir)]))
     error = one_line(generate(str(run_dir), "--prompt", "ROMEO:"))
     assert "a run of the task mnist-mlp" in error and "needs a language-model task" in error
+
+
+def test_a_task_default_that_is_not_an_engine_option_gets_one_line(tmp_path: Path) -> None:
+    task = tmp_path / "task.py"
+    task.write_text("import trainer\n\nclass Task(trainer.Task):\n    defaults = {'learning_rate': 0.1}\n")
+    result = run_trainer(["--task", f"{task}:Task", "--run-dir", str(tmp_path / "run")])
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "trainer: error: Task.defaults names no option of the engine: ['learning_rate']; see TrainConfig"
+    ], result.stderr[-3000:]
