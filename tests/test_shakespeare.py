@@ -16,9 +16,12 @@ from typing import Any
 import pytest
 import torch
 from conftest import Launched, assert_ok, clean_env, read_summary, run_process, run_torchrun, run_trainer, wait_until
-from faults import latest_step, trained_positions, workers
+from faults import latest_step, records, trained_positions, workers
 
+from trainer.cli import parse_run
+from trainer.core.schedule import lr_at
 from trainer.distributed.jobs import torchrun_command
+from trainer.lifecycle.checkpoint import read_checkpoint
 from trainer.tasks.shakespeare_char import ShakespeareChar
 from trainer.tasks.shakespeare_data import load_text
 
@@ -33,6 +36,8 @@ SMALL += ("--record-samples",)
 KILLED = ("--task", "shakespeare-char", "--n-layer", "2", "--n-embd", "64", "--n-head", "4", "--block-size", "32")
 KILLED += ("--window-stride", "256", "--dropout", "0.1", "--epochs", "2", "--log-every", "10")
 KILLED += ("--checkpoint-every", "50")
+# The task's cosine learning-rate schedule, warmed up in 20 steps and decayed by step 500 (of 652).
+KILLED += ("--warmup-steps", "20", "--lr-decay-steps", "500")
 EXACT = ("epoch", "global_step", "train_loss", "val_loss")
 
 
@@ -105,7 +110,8 @@ def test_trains_at_world_size_two_with_the_tasks_recipe(trained: Path) -> None:
 
 
 def test_resumes_bit_for_bit_after_sigkill(tmp_path: Path) -> None:
-    """Dropout (each rank's random streams), AdamW's two groups and the clipped step resume exactly."""
+    """Dropout (each rank's random streams), AdamW's two groups, the clipped step and the learning-rate
+    schedule resume exactly."""
     baseline = tmp_path / "baseline"
     assert_ok(run_torchrun(2, [*KILLED, "--run-dir", str(baseline)], timeout=300))
     run_dir = tmp_path / "run"
@@ -121,6 +127,14 @@ def test_resumes_bit_for_bit_after_sigkill(tmp_path: Path) -> None:
     assert summary["restarts"] == 1 and summary["resumed_from_step"] % 50 == 0 and summary["resumed_from_step"] >= 100
     assert summary["params_sha256"] == read_summary(baseline)["params_sha256"]
     assert exact_rows(run_dir) == exact_rows(baseline)
+    # Every window, before the kill and after, ran at the rate the schedule gives its last step.
+    cfg = parse_run([*KILLED, "--run-dir", str(run_dir)])[0]
+    windows = [r for r in records(run_dir / "rank0.jsonl") if "lr" in r]
+    assert {r["step"] for r in windows} >= set(range(10, 652, 10))
+    assert all(r["lr"] == pytest.approx(lr_at(cfg, r["step"] - 1), rel=1e-12) for r in windows)
+    # Checkpoints hold the configured rate of each group; the schedule derives the step's from it.
+    saved = read_checkpoint(sorted((run_dir / "checkpoints").glob("step-*.pt"))[-1])
+    assert [g["lr"] for g in saved["optimizer"]["param_groups"]] == [1e-3, 1e-3]
 
 
 def test_resized_from_two_processes_to_one_trains_every_window_once(tmp_path: Path) -> None:

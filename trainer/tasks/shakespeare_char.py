@@ -64,10 +64,15 @@ class ShakespeareChar(Task):
     # Tokens per forward pass in evaluation: 64 windows of 64 characters by default.
     eval_batch_size = 64
     # nanoGPT's CPU recipe (config/train_shakespeare_char.py with its CPU overrides): 2000 steps
-    # of 12 windows, AdamW, gradient norm clipped to 1.
+    # of 12 windows, AdamW, 100 warm-up steps then cosine decay to 1e-4 at step 2000, gradient
+    # norm clipped to 1.
     defaults: ClassVar[dict[str, Any]] = {
         "optimizer": "adamw",
         "lr": 1e-3,
+        "lr_schedule": "cosine",
+        "warmup_steps": 100,
+        "lr_decay_steps": 2000,
+        "min_lr": 1e-4,
         "beta2": 0.99,
         "weight_decay": 0.1,
         "global_batch_size": 12,
