@@ -144,6 +144,11 @@ def test_resized_from_two_processes_to_one_trains_every_window_once(tmp_path: Pa
     summary = read_summary(run_dir)
     assert (summary["world_size"], summary["resumed_from_step"], summary["global_step"]) == (1, 30, 80)
     assert_every_window_once(run_dir)
+    # The task's warm-up (100 steps) went on across the resize: each window at its step's rate.
+    cfg = parse_run([*SMALL, "--run-dir", str(run_dir)])[0]
+    windows = [r for r in records(run_dir / "rank0.jsonl") if "lr" in r]
+    assert [r["step"] for r in windows] == list(range(10, 81, 10))
+    assert all(r["lr"] == pytest.approx(lr_at(cfg, r["step"] - 1), rel=1e-12) for r in windows)
 
 
 def test_generate_is_deterministic_for_a_seed(trained: Path) -> None:
