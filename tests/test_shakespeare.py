@@ -180,3 +180,11 @@ def test_a_task_default_that_is_not_an_engine_option_gets_one_line(tmp_path: Pat
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         "trainer: error: Task.defaults names no option of the engine: ['learning_rate']; see TrainConfig"
     ], result.stderr[-3000:]
+
+
+def test_trainer_evaluate_reproduces_the_runs_validation_loss(trained: Path) -> None:
+    result = run_process([sys.executable, "-m", "trainer", "evaluate", str(trained)], clean_env(), timeout=120)
+    assert_ok(result)
+    figures = json.loads(result.stdout)
+    assert (figures["task"], figures["val_samples"]) == ("shakespeare-char", (111_540 - 17) // 16 + 1)
+    assert figures["val_loss"] == pytest.approx(read_summary(trained)["val_loss"], rel=1e-6)
