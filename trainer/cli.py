@@ -49,11 +49,22 @@ def parse_run(argv: Sequence[str], task: Task | None = None) -> tuple[TrainConfi
     clash = {f.name for f in dataclasses.fields(task_class.Options)} & {f.name for f in dataclasses.fields(TrainConfig)}
     if clash:
         raise UsageError(f"{task_class.__name__}.Options reuses the engine's option names {sorted(clash)}; rename them")
-    namespace = build_parser(task_class.Options, task_class.name, defaults).parse_args(argv)
+    parser = build_parser(task_class.Options, task_class.name, defaults)
+    parser.set_defaults(**engine_defaults(task_class))
+    namespace = parser.parse_args(argv)
     values, options = task_values(namespace, task_class.Options)
     values.update(task=spec, task_options=plain(dataclasses.asdict(options)))
     chosen = task if task is not None and options == task.options else task_class(options)
     return TrainConfig(**values), chosen
+
+
+def engine_defaults(task_class: type[Task]) -> dict[str, Any]:
+    """The task's defaults for the engine's options (``Task.defaults``), checked against the config's fields."""
+    settable = {f.name for f in dataclasses.fields(TrainConfig)} - {"task", "task_options"}
+    unknown = sorted(set(task_class.defaults) - settable)
+    if unknown:
+        raise UsageError(f"{task_class.__name__}.defaults names no option of the engine: {unknown}; see TrainConfig")
+    return dict(task_class.defaults)
 
 
 def _absolute_file_spec(spec: str) -> str:
@@ -170,6 +181,7 @@ def run_locked(cfg: TrainConfig, task: Task, dist_env: DistEnv, device: torch.de
 # Commands besides training (``trainer NAME ARGS``): each module's ``main(argv)`` runs it.
 COMMANDS: dict[str, str] = {
     "evaluate": "trainer.commands.evaluate",
+    "generate": "trainer.commands.generate",
     "report": "trainer.watch.report",
     "platform": "trainer.watch.machine",
 }

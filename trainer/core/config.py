@@ -41,7 +41,7 @@ class TrainConfig:
     )
     task: str = _opt(
         "mnist-mlp",
-        "What to train: a built-in task (mnist-mlp), package.module:Name, or path/to/file.py:Name "
+        "What to train: a built-in task (mnist-mlp, shakespeare-char), package.module:Name, or path/to/file.py:Name "
         "(a trainer.Task subclass; docs/tasks.md). Its own options follow under its name in --help.",
     )
     lr: float = _opt(0.01, "Learning rate (with the task's default optimiser).")
@@ -49,6 +49,16 @@ class TrainConfig:
     weight_decay: float = _opt(0.0, "Weight decay (decoupled under AdamW).")
     beta2: float = _opt(0.999, "AdamW's second-moment decay (Adam keeps torch's 0.999).")
     optimizer: str = _opt("sgd", "The task's default optimiser.", choices=("sgd", "adam", "adamw"))
+    lr_schedule: str = _opt(
+        "constant",
+        "Learning rate by global step (trainer/core/schedule.py): constant; cosine = down to --min-lr at "
+        "--lr-decay-steps (nanoGPT's); wsd = constant, then straight down to --min-lr over the last 20%% of "
+        "--lr-decay-steps. A resumed run continues it exactly.",
+        ("constant", "cosine", "wsd"),
+    )
+    warmup_steps: int = _opt(0, "Steps of linear learning-rate warm-up at the start, before the schedule.")
+    lr_decay_steps: int | None = _opt(None, "The step at which cosine and wsd reach --min-lr; unset means --max-steps.")
+    min_lr: float | None = _opt(None, "The learning rate cosine and wsd end at; unset means --lr / 10.")
     seed: int = _opt(
         0, "Seed for the model's initial weights, the task's data split, the per-epoch shuffles and each rank's RNGs."
     )
@@ -147,10 +157,27 @@ class TrainConfig:
             (self.checkpoint_every >= 1, "--checkpoint-every must be at least 1"),
             (self.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1"),
             (self.resume.strip() != "", "--resume needs auto, never or a checkpoint path"),
+            (self.warmup_steps >= 0, "--warmup-steps must be zero or positive"),
+            (self.lr_decay_steps is None or self.lr_decay_steps >= 1, "--lr-decay-steps must be at least 1"),
+            (self.min_lr is None or 0 <= self.min_lr <= self.lr, "--min-lr must be between 0 and --lr"),
+            (
+                self.lr_schedule == "constant" or self.lr_decay_steps is not None or self.max_steps is not None,
+                f"--lr-schedule {self.lr_schedule} needs --lr-decay-steps N (or --max-steps N): the step where it "
+                "reaches --min-lr",
+            ),
+            (
+                self.lr_schedule == "constant" or self.warmup_steps < (self.lr_decay_steps or self.max_steps or 0),
+                "--warmup-steps must be below --lr-decay-steps (or --max-steps)",
+            ),
         ]
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)
+
+    @property
+    def decay_steps(self) -> int:
+        """The step at which cosine and wsd reach --min-lr (``__post_init__`` made sure there is one)."""
+        return self.lr_decay_steps or self.max_steps or 0
 
     @property
     def checkpoint_root(self) -> Path:
@@ -242,7 +269,8 @@ def build_parser(options: type | None = None, task_name: str = "", defaults: Any
         description="Train a task (an MLP on MNIST by default), one process or many (torchrun or exported "
         "RANK/WORLD_SIZE).",
         epilog="Other commands: trainer evaluate PATH (loss and metrics of a run directory, checkpoint or exported "
-        "model; docs/using-the-model.md); trainer report RUN_DIR (report.html with plots); trainer platform "
+        "model; docs/using-the-model.md); trainer generate RUN_DIR (text from a language model; "
+        "docs/shakespeare.md); trainer report RUN_DIR (report.html with plots); trainer platform "
         "(the machine and software, with measured figures; docs/watching.md). Each takes --help.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

@@ -154,6 +154,9 @@ class Task:
     - ``find_unused_parameters``: True when some parameters get no gradient in some steps (a branch
       not taken, a head not used). Under the DDP sync options DDP then looks for them each forward
       pass, as it must; the shared-memory options handle them either way.
+    - ``defaults``: the task's own defaults for the engine's options, by field name of
+      ``TrainConfig`` (e.g. ``{"optimizer": "adamw", "lr": 1e-3}``): the recipe that ``--task NAME``
+      alone gets. The command line still overrides each; ``config.json`` records what applied.
     """
 
     name: ClassVar[str] = "task"
@@ -162,6 +165,7 @@ class Task:
     best: ClassVar[tuple[str, str]] = ("val_loss", "min")
     eval_batch_size: ClassVar[int] = 1024
     find_unused_parameters: ClassVar[bool] = False
+    defaults: ClassVar[Mapping[str, Any]] = {}
 
     def __init__(self, options: Any = None) -> None:
         self.options = self.Options() if options is None else options

@@ -36,6 +36,7 @@ from torch import nn
 
 from trainer.core.config import TrainConfig
 from trainer.core.errors import UsageError
+from trainer.core.schedule import scheduled
 from trainer.core.task import Split, Task
 from trainer.engine.evaluation import step_figures
 from trainer.lifecycle.guard import grads_finite_tensor
@@ -61,6 +62,18 @@ def use_cuda_graph(cfg: TrainConfig, device: torch.device, world_size: int, spli
             "the host; a TensorSplit gathers them on the device and can be captured",
             type(split).__name__,
         )
+    if possible and scheduled(cfg):
+        # The captured optimiser step replays the rate it was recorded with; a schedule changes it.
+        if cfg.cuda_graph == "on":
+            raise UsageError(
+                f"--cuda-graph on replays one learning rate; --lr-schedule {cfg.lr_schedule} --warmup-steps "
+                f"{cfg.warmup_steps} changes it each step: use --cuda-graph auto or off, or a constant rate"
+            )
+        if cfg.cuda_graph == "auto":
+            log.info(
+                "training step not captured in a CUDA graph: the learning-rate schedule changes the rate each step"
+            )
+        return False
     if cfg.cuda_graph == "on" and not possible:
         raise UsageError(
             f"--cuda-graph on needs one process on a CUDA device and a training split whose batches are "

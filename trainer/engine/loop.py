@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from trainer.core import schedule
 from trainer.core.clock import device_clock
 from trainer.core.config import TrainConfig
 from trainer.core.errors import UsageError
@@ -63,6 +64,9 @@ class Trainer:
         self.model = task.build_model().to(device)
         seed_rank(cfg.seed, dist_env.rank)
         self.optimizer = task.build_optimizer(self.model, cfg)
+        # Each group's configured rate: the schedule scales it by the global step (core/schedule.py).
+        self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
+        self.scheduled = schedule.scheduled(cfg)
         # What the step calls: the model itself, or DDP around it; ``comm`` syncs and times the gradients.
         not_shared = recipe_reason(cfg)
         self.forward, self.comm = wrap_model(
@@ -101,13 +105,32 @@ class Trainer:
             len(splits.val) if splits.val is not None else 0,
             len(splits.test) if splits.test is not None else 0,
         )
+        if self.scheduled:
+            log.info("%s", schedule.describe(cfg))
 
     # -- one step ------------------------------------------------------------------------
     def train_step(self, positions: torch.Tensor, times: StepTimes) -> torch.Tensor:
         """One optimiser step on this rank's batch; returns (loss, *the task's metrics) as float64."""
+        if self.scheduled:
+            self.set_lr(self.state.global_step)
         if self.graphed is not None:
             return self.graphed.step(positions, times, self.state.global_step, self.eager_step)
         return self.eager_step(positions, times)
+
+    def set_lr(self, step: int) -> None:
+        """The scheduled rate of the step after ``step`` completed steps, in every parameter group."""
+        factor = schedule.lr_factor(self.cfg, step)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * factor
+
+    def optimizer_state(self) -> dict[str, Any]:
+        """The optimiser's state for a checkpoint, with each group's configured rate, not the step's
+        scheduled one: the schedule derives that from the step, and a resume compares the configured ones."""
+        state = self.optimizer.state_dict()
+        if self.scheduled:
+            for group, base in zip(state["param_groups"], self.base_lrs, strict=True):
+                group["lr"] = base
+        return state
 
     def eager_step(self, positions: torch.Tensor, times: StepTimes) -> torch.Tensor:
         """``train_step`` run op by op (a CUDA graph records this minus its host reads: engine/cuda_graph.py)."""
@@ -256,7 +279,8 @@ class Trainer:
         state.epoch_sums = [kept + total / world_size for kept, total in zip(state.epoch_sums, totals, strict=True)]
         state.epoch_steps += window.steps
         state.samples_trained += window.steps * self.batch_size * world_size
-        self.progress.window_done(state, window, sums[0] / window.steps, bar, at_log)
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        self.progress.window_done(state, window, sums[0] / window.steps, bar, at_log, lr)
         return stopping > 0
 
     def _add_time(self, since: float) -> float:
@@ -331,7 +355,7 @@ class Trainer:
         return {
             "format": FORMAT,
             "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.optimizer_state(),
             "train_state": dataclasses.asdict(self.state),
             "rng": [capture_rng()],  # every rank's, in rank order (``write_checkpoint`` gathers them)
             "config": self.cfg.to_dict(),
@@ -383,7 +407,7 @@ class Trainer:
         state: dict[str, Any] = {"comm": self.comm.state_dict()}
         if self.comm.replicas_differ:
             state["model"] = self.model.state_dict()
-            state["optimizer"] = self.optimizer.state_dict()
+            state["optimizer"] = self.optimizer_state()
         return state
 
     def load_rank_state(self, saved: list[dict[str, Any]] | None) -> None:

@@ -13,6 +13,7 @@ from trainer.core.task import Task
 # Built-in tasks by name; each entry is imported only when chosen.
 BUILT_IN = {
     "mnist-mlp": "trainer.tasks.mnist_mlp:MnistMLP",
+    "shakespeare-char": "trainer.tasks.shakespeare_char:ShakespeareChar",
 }
 FORMS = "a built-in task (" + ", ".join(BUILT_IN) + "), package.module:Name or path/to/file.py:Name"
 

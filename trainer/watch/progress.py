@@ -143,8 +143,11 @@ class Progress:
             "%d steps from step %d: loss or gradient not finite; updates skipped (--on-nonfinite skip)", count, step
         )
 
-    def window_done(self, state: TrainState, window: StepTimes, loss: float, bar: tqdm, at_log: bool) -> None:
-        """Record a window of steps (``loss``: this rank's mean) and log it at ``--log-every`` steps.
+    def window_done(
+        self, state: TrainState, window: StepTimes, loss: float, bar: tqdm, at_log: bool, lr: float | None = None
+    ) -> None:
+        """Record a window of steps (``loss``: this rank's mean; ``lr``: the rate of its last step) and
+        log it at ``--log-every`` steps.
 
         With ``--tensorboard`` this is collective (the ranks' figures are gathered).
         """
@@ -155,6 +158,7 @@ class Progress:
             "step": state.global_step,
             "epoch": state.epoch + 1,
             "loss": loss,
+            "lr": lr,
             "step_ms": window.mean("step_ms"),
             "data_ms": window.mean("data_ms"),
             "compute_ms": window.mean("compute_ms"),

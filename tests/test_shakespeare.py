@@ -1,0 +1,190 @@
+"""The built-in shakespeare-char task under the real launcher: it learns, resumes bit for bit after
+kill -9 with dropout and AdamW, trains every window once across a change of world size, and
+``trainer generate`` samples from it deterministically and refuses bad input with one line."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import Launched, assert_ok, clean_env, read_summary, run_process, run_torchrun, run_trainer, wait_until
+from faults import latest_step, records, trained_positions, workers
+
+from trainer.cli import parse_run
+from trainer.core.schedule import lr_at
+from trainer.distributed.jobs import torchrun_command
+from trainer.lifecycle.checkpoint import read_checkpoint
+from trainer.tasks.shakespeare_char import ShakespeareChar
+from trainer.tasks.shakespeare_data import load_text
+
+# A one-block GPT on 16-character contexts. A stride of 1046 characters keeps 960 of the training
+# text's windows: 80 steps of 12 (the task's default global batch), which divides at 1 and 2 processes.
+WINDOWS = 960
+SMALL = ("--task", "shakespeare-char", "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--block-size", "16")
+SMALL += ("--window-stride", "1046", "--dropout", "0.1", "--log-every", "10", "--checkpoint-every", "20")
+SMALL += ("--record-samples",)
+# Larger, so that a run lasts long enough to be killed in the middle: two blocks, 32-character
+# contexts, 326 steps an epoch, 2 epochs; checkpoints every 50 steps leave steps to redo.
+KILLED = ("--task", "shakespeare-char", "--n-layer", "2", "--n-embd", "64", "--n-head", "4", "--block-size", "32")
+KILLED += ("--window-stride", "256", "--dropout", "0.1", "--epochs", "2", "--log-every", "10")
+KILLED += ("--checkpoint-every", "50")
+# The task's cosine learning-rate schedule, warmed up in 20 steps and decayed by step 500 (of 652).
+KILLED += ("--warmup-steps", "20", "--lr-decay-steps", "500")
+EXACT = ("epoch", "global_step", "train_loss", "val_loss")
+
+
+def exact_rows(run_dir: Path) -> list[dict[str, str]]:
+    with (run_dir / "metrics.csv").open() as handle:
+        return [{k: row[k] for k in EXACT} for row in csv.DictReader(handle)]
+
+
+def assert_every_window_once(run_dir: Path) -> None:
+    positions = trained_positions(run_dir)
+    assert list(positions) == [1]
+    seen = positions[1]
+    assert len(seen) == len(set(seen)), f"{len(seen) - len(set(seen))} windows trained twice"
+    assert set(seen) == set(range(WINDOWS)), f"{WINDOWS - len(set(seen))} windows skipped"
+
+
+def generate(*args: str) -> subprocess.CompletedProcess[str]:
+    return run_process([sys.executable, "-m", "trainer", "generate", *args], clean_env(), timeout=120)
+
+
+def one_line(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 2, f"exit {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("trainer generate: error: "), result.stderr[-3000:]
+    return lines[0]
+
+
+def test_a_window_is_the_text_at_its_start_and_the_vocabulary_is_the_texts_characters() -> None:
+    text = load_text()
+    task = ShakespeareChar(ShakespeareChar.Options(block_size=16, window_stride=1046))
+    assert task.vocabulary == "".join(sorted(set(text))) and len(task.vocabulary) == 65
+    splits = task.build_data(torch.device("cpu"))
+    assert (len(splits.train), len(splits.val)) == (WINDOWS, (len(text) - int(len(text) * 0.9) - 17) // 16 + 1)
+    inputs, targets = splits.train.batch(torch.tensor([0, 5, WINDOWS - 1]))
+    for row, position in enumerate((0, 5, WINDOWS - 1)):
+        start = position * 1046
+        assert task.decode(inputs[row].tolist()) == text[start : start + 16]
+        assert task.decode(targets[row].tolist()) == text[start + 1 : start + 17]
+    val_inputs, _ = splits.val.batch(torch.tensor([3]))  # the validation windows start every 16 characters
+    assert task.decode(val_inputs[0].tolist()) == text[int(len(text) * 0.9) + 48 :][:16]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One epoch at world size 2 with the task's default recipe, the learning rate given on the command line."""
+    run_dir = tmp_path_factory.mktemp("shakespeare") / "run"
+    assert_ok(run_torchrun(2, [*SMALL, "--lr", "0.002", "--run-dir", str(run_dir)], timeout=300))
+    return run_dir
+
+
+def test_trains_at_world_size_two_with_the_tasks_recipe(trained: Path) -> None:
+    summary = read_summary(trained)
+    assert (summary["task"], summary["world_size"], summary["global_step"]) == ("shakespeare-char", 2, 80)
+    # From ln(65) = 4.17 nats per character for a uniform guess.
+    assert summary["val_loss"] < math.log(65) - 0.5, summary["val_loss"]
+    assert_every_window_once(trained)
+    assert sorted(p.name for p in (trained / "checkpoints").glob("step-*.pt"))[-1] == "step-00000080.pt"
+    config = json.loads((trained / "config.json").read_text())
+    recipe = {k: config[k] for k in ("optimizer", "beta2", "weight_decay", "global_batch_size", "clip_grad_norm")}
+    assert recipe == {
+        "optimizer": "adamw",
+        "beta2": 0.99,
+        "weight_decay": 0.1,
+        "global_batch_size": 12,
+        "clip_grad_norm": 1.0,
+    }
+    assert config["lr"] == 0.002  # the command line wins over the task's default
+    card = json.loads((trained / "model.json").read_text())
+    assert len(card["vocabulary"]) == 65 and card["block_size"] == 16 and card["n_layer"] == 1
+
+
+def test_resumes_bit_for_bit_after_sigkill(tmp_path: Path) -> None:
+    """Dropout (each rank's random streams), AdamW's two groups, the clipped step and the learning-rate
+    schedule resume exactly."""
+    baseline = tmp_path / "baseline"
+    assert_ok(run_torchrun(2, [*KILLED, "--run-dir", str(baseline)], timeout=300))
+    run_dir = tmp_path / "run"
+    job = Launched(
+        torchrun_command(2, "trainer", [*KILLED, "--run-dir", str(run_dir)], ["--max-restarts=2"]),
+        clean_env(),
+        tmp_path / "log",
+    )
+    wait_until(lambda: latest_step(run_dir) >= 120, 180, "step 120", job)
+    workers(job.pid)[0].send_signal(signal.SIGKILL)  # rank 0, the checkpoint writer
+    assert job.wait(300) == 0, job.output()[-6000:]
+    summary = read_summary(run_dir)
+    assert summary["restarts"] == 1 and summary["resumed_from_step"] % 50 == 0 and summary["resumed_from_step"] >= 100
+    assert summary["params_sha256"] == read_summary(baseline)["params_sha256"]
+    assert exact_rows(run_dir) == exact_rows(baseline)
+    # Every window, before the kill and after, ran at the rate the schedule gives its last step.
+    cfg = parse_run([*KILLED, "--run-dir", str(run_dir)])[0]
+    windows = [r for r in records(run_dir / "rank0.jsonl") if "lr" in r]
+    assert {r["step"] for r in windows} >= set(range(10, 652, 10))
+    assert all(r["lr"] == pytest.approx(lr_at(cfg, r["step"] - 1), rel=1e-12) for r in windows)
+    # Checkpoints hold the configured rate of each group; the schedule derives the step's from it.
+    saved = read_checkpoint(sorted((run_dir / "checkpoints").glob("step-*.pt"))[-1])
+    assert [g["lr"] for g in saved["optimizer"]["param_groups"]] == [1e-3, 1e-3]
+
+
+def test_resized_from_two_processes_to_one_trains_every_window_once(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    assert_ok(run_torchrun(2, [*SMALL, "--max-steps", "30", "--run-dir", str(run_dir)], timeout=300))
+    assert_ok(run_trainer([*SMALL, "--run-dir", str(run_dir)], timeout=300))
+    summary = read_summary(run_dir)
+    assert (summary["world_size"], summary["resumed_from_step"], summary["global_step"]) == (1, 30, 80)
+    assert_every_window_once(run_dir)
+    # The task's warm-up (100 steps) went on across the resize: each window at its step's rate.
+    cfg = parse_run([*SMALL, "--run-dir", str(run_dir)])[0]
+    windows = [r for r in records(run_dir / "rank0.jsonl") if "lr" in r]
+    assert [r["step"] for r in windows] == list(range(10, 81, 10))
+    assert all(r["lr"] == pytest.approx(lr_at(cfg, r["step"] - 1), rel=1e-12) for r in windows)
+
+
+def test_generate_is_deterministic_for_a_seed(trained: Path) -> None:
+    runs: dict[str, Any] = {}
+    for name, seed in (("first", "1"), ("again", "1"), ("other", "2")):
+        result = generate(str(trained), "--prompt", "ROMEO:", "--tokens", "200", "--seed", seed)
+        assert_ok(result)
+        runs[name] = result.stdout
+    assert runs["first"] == runs["again"] and runs["first"] != runs["other"]
+    assert runs["first"].startswith("ROMEO:") and len(runs["first"]) == len("ROMEO:") + 200 + 1  # print's newline
+
+
+def test_generate_refuses_a_character_outside_the_vocabulary(trained: Path) -> None:
+    error = one_line(generate(str(trained), "--prompt", "ROMEO: 5 €"))
+    assert "the character '5' is not in the vocabulary" in error and "remove or replace it" in error
+
+
+def test_generate_refuses_a_run_of_another_task(tmp_path: Path) -> None:
+    run_dir = tmp_path / "mnist"
+    assert_ok(run_trainer(["--hidden", "8", "--max-steps", "2", "--run-dir", str(run_dir)]))
+    error = one_line(generate(str(run_dir), "--prompt", "ROMEO:"))
+    assert "a run of the task mnist-mlp" in error and "needs a language-model task" in error
+
+
+def test_a_task_default_that_is_not_an_engine_option_gets_one_line(tmp_path: Path) -> None:
+    task = tmp_path / "task.py"
+    task.write_text("import trainer\n\nclass Task(trainer.Task):\n    defaults = {'learning_rate': 0.1}\n")
+    result = run_trainer(["--task", f"{task}:Task", "--run-dir", str(tmp_path / "run")])
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "trainer: error: Task.defaults names no option of the engine: ['learning_rate']; see TrainConfig"
+    ], result.stderr[-3000:]
+
+
+def test_trainer_evaluate_reproduces_the_runs_validation_loss(trained: Path) -> None:
+    result = run_process([sys.executable, "-m", "trainer", "evaluate", str(trained)], clean_env(), timeout=120)
+    assert_ok(result)
+    figures = json.loads(result.stdout)
+    assert (figures["task"], figures["val_samples"]) == ("shakespeare-char", (111_540 - 17) // 16 + 1)
+    assert figures["val_loss"] == pytest.approx(read_summary(trained)["val_loss"], rel=1e-6)
