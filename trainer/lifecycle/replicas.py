@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import secrets
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -104,9 +105,19 @@ class Replicas:
         """Every rank, after rank 0 wrote ``path`` (None: it wrote nothing): the other nodes keep a copy."""
         if self.shared:
             return
+        started = time.perf_counter()
         sent = self._send(0, path)
-        if sent is not None and self.keeper:
+        if sent is None:
+            return
+        if self.keeper:
             self._store(sent)
+        if self.dist_env.is_main:
+            log.info(
+                "checkpoint %s (%d bytes) sent to every rank for the other nodes' copies in %.0f ms",
+                sent["manifest"]["file"],
+                sent["manifest"]["bytes"],
+                (time.perf_counter() - started) * 1000,
+            )
 
     def fetch_newest(self) -> None:
         """Every rank, at start: the newest valid checkpoint any rank holds, copied to the nodes lacking it."""
