@@ -32,7 +32,9 @@ TRAIN_SPLIT = 48_000
 LONG_STEPS = 400
 # Another program on a node, listening on port argv[1].
 LISTEN = (
-    "import socket, sys, time; s = socket.socket(); s.bind(('', int(sys.argv[1]))); s.listen(); "
+    # SO_REUSEADDR: an earlier job's rendezvous on this port may linger in TIME_WAIT, which is no listener
+    "import socket, sys, time; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
+    "s.bind(('', int(sys.argv[1]))); s.listen(); "
     "print('listening', flush=True); time.sleep(900)"
 )
 LONG = ("--max-steps", str(LONG_STEPS), "--epochs", "1", "--log-every", "10", "--checkpoint-every", "100")
@@ -102,10 +104,10 @@ def test_jobs_sharing_nodes_get_different_ports(tmp_path: Path, cluster: SlurmCl
     the range on the first node: each job takes a port of its own (the script probes the port and
     holds a lock on it), neither the taken one, and both train like one host."""
     reference = one_host_reference(tmp_path / "one-host", STEPS)
-    low = 29400
+    low = 29700  # a range no other test uses, so no earlier job's closing connection holds a port of it
     listener = cluster.hosts[0].run([sys.executable, "-c", LISTEN, str(low)], launch_env(), tmp_path / "listener.log")
     try:
-        wait_until(lambda: "listening" in listener.output(), 30, "the other program to listen")
+        wait_until(lambda: "listening" in listener.output(), 30, "the other program to listen", listener)
         jobs = {}
         for name in ("first", "second"):
             run_dir = tmp_path / name / "run"
