@@ -36,8 +36,8 @@ NPROC = 2  # ranks per host in the two-host runs
 WORLD_SIZE = 2 * NPROC
 # Largest weight difference allowed between the hierarchical and the flat gloo sync after STEPS
 # steps: the same sums added in another order differ by float32 rounding (about 1e-7 of the
-# summed magnitudes per step), far below this.
-WEIGHT_TOLERANCE = 1e-5
+# summed magnitudes per step).
+WEIGHT_TOLERANCE = 1.5e-7  # 10x the 1.1e-8 to 1.5e-8 seen
 
 
 @pytest.fixture

@@ -36,7 +36,7 @@ STEPS = 30
 # Small runs; --clip-grad-norm 0.1 is below this MLP's gradient norm, so every step clips.
 ARGS = ("--epochs", "1", "--hidden", "64", "--log-every", "10", "--log-all-ranks")
 CLIP = ("--max-steps", str(STEPS), "--clip-grad-norm", "0.1", "--checkpoint-every", str(STEPS))
-WORLD3_MAX_ABS_DIFF = 1e-6
+WORLD3_MAX_ABS_DIFF = 7.5e-8  # 10x the 7.45e-9 seen (the same on every run: the sums have fixed orders)
 # One set-up stage made to fail on one rank, per world size (trainer/sync/shm.py, fail_for_tests).
 FAILURES = {2: "1:map", 3: "2:sync"}
 
@@ -76,6 +76,7 @@ def test_clipping_under_shm_gives_gloo_weights(clipped_runs: dict) -> None:
         return
     ours, theirs = final_weights(auto_dir), final_weights(gloo_dir)
     worst = max(float((ours[name] - theirs[name]).abs().max()) for name in ours)
+    print(f"largest weight difference from gloo at world size 3: {worst:.3g}")
     assert worst <= WORLD3_MAX_ABS_DIFF, f"shm and gloo weights differ by up to {worst:.3g}"
 
 
