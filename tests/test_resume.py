@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import sys
 import time
@@ -186,11 +187,20 @@ def test_resume_at_another_world_size_skips_and_repeats_no_sample(tmp_path: Path
     for index, state in written["optimizer"]["state"].items():
         assert torch.equal(state["momentum_buffer"], replayed["optimizer"]["state"][index]["momentum_buffer"])
 
+    # 1 -> 2: the shared step (the default on one host) takes the single process's momentum over
+    # into its shared copy; the same resume where each rank steps its own copy (gloo, the same
+    # two-term sum) must end with the same weights.
+    private = tmp_path / "private"
+    shutil.copytree(run_dir, private)
     again = run_torchrun(2, args, timeout=300)
     assert_ok(again)
     assert "written at world size 1 (now 2), batch per rank 500 (now 250)" in again.stderr
+    assert "one shared copy of the weights, each rank steps 1/2 of them" in again.stderr
     assert read_summary(run_dir)["global_step"] == 96
     assert_every_sample_once(run_dir, epochs=1)
+    private_args = [*trainer_args(private), *args[len(trainer_args(run_dir)) :], "--comm", "gloo"]
+    assert_ok(run_torchrun(2, private_args, timeout=300))
+    assert read_summary(private)["params_sha256"] == read_summary(run_dir)["params_sha256"]
 
 
 def test_overwrite_applies_once_per_launch(tmp_path: Path) -> None:
