@@ -182,11 +182,12 @@ def test_a_slow_checkpoint_fails_no_peer_within_the_checkpoint_timeout(tmp_path:
 def test_a_stalled_checkpoint_fails_the_peers_naming_rank_zero(tmp_path: Path) -> None:
     """Rank 0 stays stopped in its checkpoint: rank 1 gives up after ``--checkpoint-timeout`` (8 s),
     not ``--timeout`` (5 s), with an error that names rank 0 and the checkpoint it was writing."""
-    _, job, _ = stalled_checkpoint_job(tmp_path, "8")
+    _, job, rank0 = stalled_checkpoint_job(tmp_path, "8")
     try:
         stalled_at = time.monotonic()
         wait_until(lambda: "[rank1]: " in job.output(), 120, "rank 1 to fail", job)
         waited = time.monotonic() - stalled_at
+        rank0.kill()  # stopped, it would hold torchrun in its 30 s grace before SIGKILL
         assert job.wait(120) != 0
     finally:
         job.kill()
@@ -204,11 +205,12 @@ def test_a_stalled_checkpoint_fails_the_peers_naming_rank_zero(tmp_path: Path) -
 def test_a_peer_stalled_at_a_checkpoint_is_named_by_rank_zero_after_the_timeout(tmp_path: Path) -> None:
     """Rank 1 stops at the checkpoint of step 10: rank 0, done writing, waits for it only ``--timeout``
     (5 s), not ``--checkpoint-timeout``, and fails naming rank 1."""
-    _, job, _ = stalled_checkpoint_job(tmp_path, "120", rank=1)
+    _, job, rank1 = stalled_checkpoint_job(tmp_path, "120", rank=1)
     try:
         stalled_at = time.monotonic()
         wait_until(lambda: "[rank0]: " in job.output(), 120, "rank 0 to fail", job)
         waited = time.monotonic() - stalled_at
+        rank1.kill()  # stopped, it would hold torchrun in its 30 s grace before SIGKILL
         assert job.wait(120) != 0
     finally:
         job.kill()

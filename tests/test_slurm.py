@@ -54,8 +54,10 @@ def nothing_left_on_the_nodes(cluster: SlurmCluster) -> Iterator[None]:
 
 
 def one_host_reference(run_dir: Path, args: tuple[str, ...]) -> str:
-    """The uninterrupted run: one host, two processes, gloo, one thread each."""
-    assert_ok(run_torchrun(2, [*args, "--comm", "gloo", "--run-dir", str(run_dir)], timeout=300, **THREADS))
+    """The uninterrupted run: one host, two processes, one thread each, the default ``--comm``
+    (there: shared memory and the shared step; across two nodes of one process each: gloo), so
+    the jobs that equal it show the same weights however the processes are spread."""
+    assert_ok(run_torchrun(2, [*args, "--run-dir", str(run_dir)], timeout=300, **THREADS))
     return read_sha(run_dir)
 
 
