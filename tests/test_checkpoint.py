@@ -9,6 +9,7 @@ import random
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,11 @@ def code_running_checkpoint(path: Path, marker: Path) -> None:
     data = path.read_bytes()
     manifest = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "step": 0}
     path.with_suffix(".json").write_text(json.dumps(manifest))
+
+
+def partial_checkpoints(directory: Path) -> list[str]:
+    """The temporary files of checkpoint writes in progress (``fileio.atomic_write_bytes``)."""
+    return [n for n in os.listdir(directory) if n.startswith(".step-") and ".pt." in n and n.endswith(".tmp")]
 
 
 def digest(path: Path) -> str:
@@ -300,3 +306,41 @@ def test_every_file_is_fsynced_before_its_rename_and_its_directory_after(tmp_pat
         assert str(target.parent) in later, f"{target.parent} not fsynced after {target.name} was renamed into it"
     checkpoints = len(list((run_dir / "checkpoints").glob("step-*.pt")))
     assert checkpoints and renames >= 2 * checkpoints, f"only {renames} renames seen"
+
+
+def test_a_kill_in_the_middle_of_a_checkpoint_write_leaves_the_older_ones_intact(tmp_path: Path) -> None:
+    """A real SIGKILL while the trainer is writing a checkpoint (its temporary file on disk, not yet
+    renamed): every checkpoint the directory names still verifies, ``latest.json`` points at one of
+    them, and the next launch resumes from the newest and finishes. Large weights and a checkpoint
+    every step make the write most of each step, so the kill lands inside one."""
+    from conftest import Launched
+
+    run_dir = tmp_path / "run"
+    checkpoints = run_dir / "checkpoints"
+    args = ["--hidden", "2048", "--batch-size", "64", "--checkpoint-every", "1", "--keep-checkpoints", "3"]
+    args += ["--log-every", "10", "--max-steps", "40", "--epochs", "1", "--run-dir", str(run_dir)]
+    cmd = [sys.executable, "-m", "trainer", *args]
+    for attempt in range(5):
+        job = Launched(cmd, clean_env(OMP_NUM_THREADS="1"), tmp_path / f"attempt{attempt}.log")
+        try:
+            while job.proc.poll() is None and not list_checkpoints(checkpoints):
+                time.sleep(0.05)  # until one checkpoint is complete, so there is an older one to keep
+            while job.proc.poll() is None and not partial_checkpoints(checkpoints):
+                time.sleep(0.0005)
+            job.proc.kill()
+        finally:
+            job.kill()
+        if partial_checkpoints(checkpoints):
+            break  # the kill landed inside a write
+    else:
+        pytest.fail("no kill landed inside a checkpoint write in 5 attempts")
+    assert job.proc.returncode == -9
+    named = list_checkpoints(checkpoints)
+    assert named, "the kill must leave the checkpoints written before it"
+    for path in named:
+        read_checkpoint(path)  # raises if the bytes do not match the manifest
+    latest = json.loads((checkpoints / "latest.json").read_text())
+    assert checkpoints / latest["file"] in named
+    finished = run_process([sys.executable, "-m", "trainer", *args], clean_env(OMP_NUM_THREADS="1"), timeout=300)
+    assert_ok(finished)
+    assert f"resuming from {named[0]}" in finished.stderr
