@@ -220,3 +220,23 @@ def test_a_stopped_rank_leaves_hang_files_that_name_it(tmp_path: Path, nproc: in
     assert f"did not arrive: rank {victim} (no heartbeat for" in out, out[-4000:]
     assert "Root Cause" in out and "HangDetected" in out, out[-4000:]
     assert not (run_dir / f"hang-rank{victim}.txt").exists()
+
+
+def test_a_rank_blocked_in_a_call_that_never_returns_writes_its_stacks_after_twice_the_timeout(tmp_path: Path) -> None:
+    """Rank 1's training thread blocks forever in ``os.read`` (tests/tasks/blocking.py), never back in
+    Python: its own watchdog writes ``hang-rank1.txt`` after 2 x ``--timeout`` without a completed
+    step, with the stack of the blocked call."""
+    run_dir = tmp_path / "run"
+    args = ["--task", "tests/tasks/blocking.py:Task", "--hidden", "64", "--batch-size", "50", "--epochs", "1"]
+    args += ["--timeout", "4", "--run-dir", str(run_dir)]
+    job = Launched(torchrun_command(2, "trainer", args), clean_env(), tmp_path / "torchrun.log")
+    hang_file = run_dir / "hang-rank1.txt"
+    try:
+        wait_until(lambda: hang_file.exists() and "Python stacks" in hang_file.read_text(), 60, "rank 1's hang file")
+    finally:
+        job.kill()
+    text = hang_file.read_text()
+    stalled = re.search(r"no step completed for (\d+) s \(watchdog; --timeout 4 s\)", text)
+    assert stalled and int(stalled.group(1)) >= 8, text
+    assert "last completed step: 4" in text, text
+    assert 'blocking.py", line' in text and "in loss" in text, text  # the stack of the blocked call
