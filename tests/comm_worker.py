@@ -9,8 +9,8 @@ two intra-op threads, each step's synced gradients beside the reference (DDP ove
 local gradients on the same weights and batch; whether a peer's in-place writes into its own
 ``.grad`` left this rank's untouched; gradients accumulated over two backward passes, both
 ways; and the sync's finiteness verdicts (``finite_verdicts``). Saved to ``OUT/rank<r>.pt``.
-``die OUT`` / ``stall OUT``: rank 1 exits / stops (until rank 0 has written its outcome) instead
-of joining a shared-memory all-reduce; rank 0 writes what happened to ``OUT/rank0.json``.
+``die OUT`` / ``stall OUT`` / ``shared-die OUT`` / ``leader-die OUT``: a peer exits or stops where
+the other waits for it (``peer_fails``); the survivor writes what happened to ``OUT/survivor.json``.
 ``wait OUT``: rank 1 is busy for ``BUSY_S`` before joining an all-reduce; rank 0 writes the CPU
 and wall time its own wait took to ``OUT/rank0.json``.
 ``hierarchical OUT``: known terms per rank (``known_terms``) through the hierarchical all-reduce,
@@ -212,22 +212,55 @@ def accumulated(
 
 
 def peer_fails(out: Path, mode: str) -> None:
-    """Rank 1 dies (``die``) or stops (``stall``) where it should join the all-reduce."""
+    """A peer dies or stops where the survivor waits for it; the survivor writes what happened.
+
+    ``die`` / ``stall``: rank 1 exits / stops instead of joining a shared-memory all-reduce.
+    ``shared-die``: under the shared optimiser step, rank 1 exits after phases 1 and 2, in its
+    optimiser update, so rank 0 waits for it at phase 3 (no rank reads a weight a peer writes).
+    ``leader-die``: under the hierarchical sync on one host, the leader (rank 0) exits instead of
+    joining, so rank 1 waits for its leader's result."""
     rank = dist.get_rank()
     timeout_s = 2.0 if mode == "stall" else 60.0
-    reducer = shm.open_agreed(dist.group.WORLD, 1024, timeout_s)
-    reducer.allreduce_(torch.ones(1024))  # one good round first
-    outcome_file = out / "rank0.json"
-    if rank == 1:
-        if mode == "die":
-            os._exit(3)
-        deadline = time.monotonic() + 60
-        while not outcome_file.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)  # stopped until rank 0 has given up and said so
-        os._exit(0)
+    victim = 0 if mode == "leader-die" else 1
+    outcome_file = out / "survivor.json"
+    model = optimizer = comm = forward = reducer = None
+    if mode == "shared-die":
+        model = default_model(0)
+        optimizer = build_optimizer(TrainConfig(), model)
+        forward, comm = wrap_model(
+            model, torch.device("cpu"), True, "auto", timeout_s, share_step=True, optimizer=optimizer
+        )
+        assert comm is not None and isinstance(comm.shm_sync, SharedStep)
+    elif mode == "leader-die":
+        reducer = hierarchy.open_agreed(1024, timeout_s)
+    else:
+        reducer = shm.open_agreed(dist.group.WORLD, 1024, timeout_s)
+
+    def one_round() -> None:
+        if comm is not None:
+            inputs, targets = batch(rank)
+            model.zero_grad(set_to_none=True)
+            F.cross_entropy(forward(inputs), targets).backward()
+            comm.step(optimizer)
+        elif mode == "leader-die":
+            reducer.allreduce([torch.ones(1024)], torch.empty(1024))
+        else:
+            reducer.allreduce_(torch.ones(1024))
+
+    one_round()  # one good round first
+    if rank == victim:
+        if mode == "stall":
+            deadline = time.monotonic() + 60
+            while not outcome_file.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)  # stopped until rank 0 has given up and said so
+            os._exit(0)
+        if mode == "shared-die":
+            comm.shm_sync._sgd = lambda *args: os._exit(3)  # dies in its update, after phases 1 and 2
+            one_round()
+        os._exit(3)
     started = time.monotonic()
     try:
-        reducer.allreduce_(torch.ones(1024))
+        one_round()
         outcome = {"error": None}
     except shm.PeerGone as exc:
         outcome = {"error": str(exc)}

@@ -401,14 +401,22 @@ def run_peer_failure(tmp_path: Path, mode: str) -> dict:
         for p in procs:
             p.kill()
             p.wait()
-    assert procs[0].returncode == 0, outputs[0][-3000:]
+    survivor = 1 if mode == "leader-die" else 0
+    assert procs[survivor].returncode == 0, outputs[survivor][-3000:]
     assert shm_entries() - before == set(), "shared memory left behind"
-    return json.loads((tmp_path / "rank0.json").read_text())
+    return json.loads((tmp_path / "survivor.json").read_text())
 
 
-def test_shm_raises_when_a_peer_dies(tmp_path: Path) -> None:
-    outcome = run_peer_failure(tmp_path, "die")
-    assert outcome["error"] is not None and "exited" in outcome["error"]
+@pytest.mark.parametrize("mode", ["die", "shared-die", "leader-die"])
+def test_shm_raises_when_a_peer_dies(tmp_path: Path, mode: str) -> None:
+    """In the all-reduce, in the shared step's last wait (phase 3) and in a non-leader's wait for its
+    leader (hierarchical): the survivor raises naming the dead peer, long before the 60 s timeout
+    (it checks the pids it waits for every 50 ms)."""
+    outcome = run_peer_failure(tmp_path, mode)
+    dead = 0 if mode == "leader-die" else 1
+    assert outcome["error"] is not None and "exited" in outcome["error"], outcome
+    assert f"rank {dead}" in outcome["error"], outcome
+    assert outcome["seconds"] < 10, outcome
 
 
 def test_shm_raises_when_a_peer_stalls_past_the_timeout(tmp_path: Path) -> None:
