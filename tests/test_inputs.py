@@ -54,6 +54,9 @@ def test_bad_environment_is_one_line(tmp_path: Path, env: dict[str, str], fragme
         (["--backend", "nccl", "--device", "cpu"], "nccl needs CUDA"),
         (["--batch-size", "50000"], "exceeds the 48000 training samples"),
         (["--cuda-graph", "on", "--device", "cpu"], "--cuda-graph on needs one process on a CUDA device"),
+        (["--batch-size", "50", "--grad-accum-steps", "3"], "--grad-accum-steps 3 does not divide --batch-size 50"),
+        (["--grad-accum-steps", "0"], "--grad-accum-steps must be at least 1"),
+        (["--precision", "fp16"], "invalid choice: 'fp16'"),
     ],
 )
 def test_bad_options_are_one_line(tmp_path: Path, args: list[str], fragment: str) -> None:

@@ -38,6 +38,8 @@ KILLED += ("--window-stride", "256", "--dropout", "0.1", "--epochs", "2", "--log
 KILLED += ("--checkpoint-every", "50")
 # The task's cosine learning-rate schedule, warmed up in 20 steps and decayed by step 500 (of 652).
 KILLED += ("--warmup-steps", "20", "--lr-decay-steps", "500")
+# Each rank's 6 windows a step as two micro-batches of 3: one gradient exchange per step.
+KILLED += ("--grad-accum-steps", "2")
 EXACT = ("epoch", "global_step", "train_loss", "val_loss")
 
 
@@ -110,8 +112,8 @@ def test_trains_at_world_size_two_with_the_tasks_recipe(trained: Path) -> None:
 
 
 def test_resumes_bit_for_bit_after_sigkill(tmp_path: Path) -> None:
-    """Dropout (each rank's random streams), AdamW's two groups, the clipped step and the learning-rate
-    schedule resume exactly."""
+    """Dropout (each rank's random streams), AdamW's two groups, the clipped step, the learning-rate
+    schedule and gradient accumulation resume exactly; accumulation exchanges gradients once a step."""
     baseline = tmp_path / "baseline"
     assert_ok(run_torchrun(2, [*KILLED, "--run-dir", str(baseline)], timeout=300))
     run_dir = tmp_path / "run"
@@ -127,6 +129,9 @@ def test_resumes_bit_for_bit_after_sigkill(tmp_path: Path) -> None:
     assert summary["restarts"] == 1 and summary["resumed_from_step"] % 50 == 0 and summary["resumed_from_step"] >= 100
     assert summary["params_sha256"] == read_summary(baseline)["params_sha256"]
     assert exact_rows(run_dir) == exact_rows(baseline)
+    # No exchange on the micro-batch before the last: one per step this launch trained.
+    assert read_summary(baseline)["gradient_exchanges"] == 652
+    assert summary["gradient_exchanges"] == 652 - summary["resumed_from_step"]
     # Every window, before the kill and after, ran at the rate the schedule gives its last step.
     cfg = parse_run([*KILLED, "--run-dir", str(run_dir)])[0]
     windows = [r for r in records(run_dir / "rank0.jsonl") if "lr" in r]
@@ -188,3 +193,25 @@ def test_trainer_evaluate_reproduces_the_runs_validation_loss(trained: Path) -> 
     figures = json.loads(result.stdout)
     assert (figures["task"], figures["val_samples"]) == ("shakespeare-char", (111_540 - 17) // 16 + 1)
     assert figures["val_loss"] == pytest.approx(read_summary(trained)["val_loss"], rel=1e-6)
+
+
+def test_bf16_trains_keeps_float32_state_and_resumes_bit_for_bit(tmp_path: Path, trained: Path) -> None:
+    """``--precision bf16`` at world size 2: the loss falls, the weights and AdamW's moments stay
+    float32, and a run stopped at step 40 and continued to 80 ends with the weights of one run to 80."""
+    bf16 = (*SMALL, "--precision", "bf16", "--lr", "0.002")
+    whole, halves = tmp_path / "whole", tmp_path / "halves"
+    assert_ok(run_torchrun(2, [*bf16, "--run-dir", str(whole)], timeout=300))
+    assert_ok(run_torchrun(2, [*bf16, "--max-steps", "40", "--run-dir", str(halves)], timeout=300))
+    continued = run_torchrun(2, [*bf16, "--run-dir", str(halves)], timeout=300)
+    assert_ok(continued)
+    assert "resuming from" in continued.stderr
+    summary = read_summary(halves)
+    assert summary["global_step"] == 80 and summary["val_loss"] < math.log(65) - 0.5, summary
+    assert summary["params_sha256"] == read_summary(whole)["params_sha256"]
+    assert exact_rows(halves) == exact_rows(whole)
+    saved = read_checkpoint(sorted((halves / "checkpoints").glob("step-*.pt"))[-1])
+    assert {t.dtype for t in saved["model"].values()} == {torch.float32}
+    moments = [v for state in saved["optimizer"]["state"].values() for k, v in state.items() if k != "step"]
+    assert moments and {t.dtype for t in moments} == {torch.float32}
+    # The same run in float32 (the module's trained run): bf16 really changed the arithmetic.
+    assert summary["params_sha256"] != read_summary(trained)["params_sha256"]

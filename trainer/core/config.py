@@ -89,12 +89,23 @@ class TrainConfig:
     shared_step: str = _opt(
         "auto",
         "Under shm, whether the host's ranks share one copy of the weights and each steps its chunk of them "
-        "(trainer/sync/shared_step.py): auto = where the recipe allows (sgd, no --clip-grad-norm), off = every rank "
+        "(trainer/sync/shared_step.py): auto = where the optimiser allows (SGD, Adam, AdamW), off = every rank "
         "steps all the weights on its own copy (its .grad then holds the average).",
         ("auto", "off"),
     )
     clip_grad_norm: float | None = _opt(
         None, "Clip the gradients' global L2 norm to this value after the sync, before each optimiser step."
+    )
+    grad_accum_steps: int = _opt(
+        1,
+        "Split each process's share of a step's batch into this many micro-batches, each a forward and "
+        "backward pass; only the last exchanges gradients. The step still takes the same samples.",
+    )
+    precision: str = _opt(
+        "fp32",
+        "bf16 = forward pass and loss under torch.autocast(bfloat16) on CPU and CUDA; the weights, gradients "
+        "and optimiser state stay float32.",
+        ("fp32", "bf16"),
     )
     timeout: float = _opt(120.0, "Seconds a collective may wait for a peer before the run fails instead of hanging.")
     checkpoint_timeout: float = _opt(
@@ -152,6 +163,7 @@ class TrainConfig:
             (self.checkpoint_timeout > 0, "--checkpoint-timeout must be positive"),
             (self.comm_warmup_steps is None or self.comm_warmup_steps >= 2, "--comm-warmup-steps must be at least 2"),
             (self.clip_grad_norm is None or self.clip_grad_norm > 0, "--clip-grad-norm must be positive, e.g. 1.0"),
+            (self.grad_accum_steps >= 1, "--grad-accum-steps must be at least 1"),
             (self.log_every >= 1, "--log-every must be at least 1"),
             (self.global_batch_size is None or self.global_batch_size >= 1, "--global-batch-size must be at least 1"),
             (self.checkpoint_every >= 1, "--checkpoint-every must be at least 1"),
@@ -187,6 +199,11 @@ class TrainConfig:
     def per_rank_batch(self, world_size: int) -> int:
         """Samples each process takes per step at ``world_size``."""
         if self.global_batch_size is None:
+            if self.batch_size % self.grad_accum_steps:
+                raise UsageError(
+                    f"--grad-accum-steps {self.grad_accum_steps} does not divide --batch-size {self.batch_size}; "
+                    f"pick a multiple of it"
+                )
             return self.batch_size
         if self.global_batch_size % world_size:
             low = self.global_batch_size // world_size * world_size
@@ -195,7 +212,14 @@ class TrainConfig:
                 f"--global-batch-size {self.global_batch_size} does not divide over {world_size} processes; "
                 f"pick a multiple of {world_size} ({hint}), or use --batch-size for a per-process batch"
             )
-        return self.global_batch_size // world_size
+        per_rank = self.global_batch_size // world_size
+        if per_rank % self.grad_accum_steps:
+            raise UsageError(
+                f"--grad-accum-steps {self.grad_accum_steps} does not divide each process's {per_rank} samples "
+                f"({self.global_batch_size} over {world_size} processes); pick a batch that world size x "
+                f"--grad-accum-steps divides"
+            )
+        return per_rank
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready values (tuples become lists)."""

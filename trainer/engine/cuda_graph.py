@@ -74,6 +74,15 @@ def use_cuda_graph(cfg: TrainConfig, device: torch.device, world_size: int, spli
                 "training step not captured in a CUDA graph: the learning-rate schedule changes the rate each step"
             )
         return False
+    plain = cfg.grad_accum_steps == 1 and cfg.precision == "fp32"
+    if possible and not plain:
+        # The captured step is one forward and backward pass in float32.
+        why = f"--grad-accum-steps {cfg.grad_accum_steps} --precision {cfg.precision}"
+        if cfg.cuda_graph == "on":
+            raise UsageError(f"--cuda-graph on captures one float32 pass per step, not {why}: use auto or off")
+        if cfg.cuda_graph == "auto":
+            log.info("training step not captured in a CUDA graph: %s", why)
+        return False
     if cfg.cuda_graph == "on" and not possible:
         raise UsageError(
             f"--cuda-graph on needs one process on a CUDA device and a training split whose batches are "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -134,14 +135,53 @@ class Trainer:
 
     def eager_step(self, positions: torch.Tensor, times: StepTimes) -> torch.Tensor:
         """``train_step`` run op by op (a CUDA graph records this minus its host reads: engine/cuda_graph.py)."""
+        if self.cfg.grad_accum_steps > 1:
+            return self.accumulated_step(positions, times)
         started = time.perf_counter()
         positions = positions.to(self.device, non_blocking=True)
         batch = self.splits.train.batch(positions)
         loaded = self.clock()
-        loss, metrics = self.task.loss(self.forward, batch)
+        with self.autocast():
+            loss, metrics = self.task.loss(self.forward, batch)
         figures = step_figures(self.task, loss, metrics)
         self.optimizer.zero_grad(set_to_none=True)
         self.backward(loss)
+        return self.finish_step(loss, figures, started, loaded, times)
+
+    def accumulated_step(self, positions: torch.Tensor, times: StepTimes) -> torch.Tensor:
+        """One optimiser step over ``--grad-accum-steps`` micro-batches of this rank's batch, in order:
+        each loss is scaled by 1/K, so the gradient is the mean over the rank's batch as without
+        accumulation, and only the last backward pass exchanges gradients (``Comm.no_sync``)."""
+        started = time.perf_counter()
+        loaded = started
+        micro_steps = self.cfg.grad_accum_steps
+        self.optimizer.zero_grad(set_to_none=True)
+        losses, figures = [], []
+        for index, micro in enumerate(positions.to(self.device, non_blocking=True).chunk(micro_steps)):
+            last = index == micro_steps - 1
+            # DDP decides at the forward pass whether the backward pass syncs: both go inside no_sync.
+            with contextlib.nullcontext() if last or self.comm is None else self.comm.no_sync():
+                batch = self.splits.train.batch(micro)
+                if index == 0:
+                    loaded = self.clock()
+                with self.autocast():
+                    loss, metrics = self.task.loss(self.forward, batch)
+                figures.append(step_figures(self.task, loss, metrics))
+                losses.append(loss.detach())
+                if not last:
+                    (loss / micro_steps).backward()
+            if last:  # a non-finite loss of any micro-batch counts, as the guard sees each rank's loss
+                self.backward(loss / micro_steps, torch.stack(losses).sum())
+        return self.finish_step(torch.stack(losses).sum(), torch.stack(figures).mean(dim=0), started, loaded, times)
+
+    def autocast(self) -> Any:
+        """``--precision bf16``: the forward pass and loss in bfloat16 where autocast chooses it."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
+
+    def finish_step(
+        self, loss: torch.Tensor, figures: torch.Tensor, started: float, loaded: float, times: StepTimes
+    ) -> torch.Tensor:
+        """The guard, clipping and the optimiser step after the backward pass(es); the step's times."""
         if self.step_is_finite(loss):
             if self.cfg.clip_grad_norm is not None:  # the synced gradients: every rank clips the same
                 if self.comm is not None:  # under the shared step each rank clips its chunk
@@ -163,17 +203,20 @@ class Trainer:
         else:
             self.comm.step(self.optimizer)
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, verdict_of: torch.Tensor | None = None) -> None:
         """The backward pass, which ends with the gradient sync of the --comm option. A non-finite loss
-        on any rank must reach every rank's verdict (trainer/lifecycle/guard.py), so all ranks skip or stop together."""
+        on any rank must reach every rank's verdict (trainer/lifecycle/guard.py), so all ranks skip or stop
+        together. ``verdict_of``: the loss whose finiteness counts (the micro-batches' sum), if not ``loss``."""
         sync = self.comm.shm_sync if self.comm is not None else None
+        judged = loss if verdict_of is None else verdict_of
         if self.comm is None:  # world size 1: the loss joins the gradient check in ``step_is_finite``
             loss.backward()
         elif sync is not None and sync.tells_finite:  # the sync's verdict covers every rank's loss
-            sync.loss_finite = bool(torch.isfinite(loss))
+            sync.loss_finite = bool(torch.isfinite(judged))
             loss.backward()
         else:  # the averaged gradient carries it: NaN on every rank
-            poison_nonfinite(loss).backward()
+            factor = torch.where(torch.isfinite(judged), 1.0, float("nan"))
+            (poison_nonfinite(loss) if verdict_of is None else loss * factor).backward()
 
     def step_is_finite(self, loss: torch.Tensor) -> bool:
         """Whether this step's loss and synced gradients are finite, the same verdict on every rank
@@ -301,7 +344,8 @@ class Trainer:
             return {}
         env = self.dist_env
         begin, end = len(split) * env.rank // env.world_size, len(split) * (env.rank + 1) // env.world_size
-        sums = evaluate_split(self.task, self.model, split, begin, end)
+        with self.autocast():
+            sums = evaluate_split(self.task, self.model, split, begin, end)
         *totals, count = reduce_sum([*sums, float(end - begin)], self.device)
         names = ("loss", *self.task.metrics)
         return {f"{split_name}_{name}": total / count for name, total in zip(names, totals, strict=True)}
@@ -347,6 +391,8 @@ class Trainer:
         finally:
             self.stop.restore()
             self.progress.stop()
+        # Gradient exchanges of this launch on this rank: one per step, however many micro-batches.
+        self.progress.extra["gradient_exchanges"] = self.comm.timer.exchanges if self.comm is not None else 0
         return self.progress.finish(self.state, self.model, test, time.perf_counter() - wall_started)
 
     # -- checkpoint state ---------------------------------------------------------------

@@ -111,6 +111,7 @@ class ShmGradientSync:
     def _sync(self) -> None:
         if self.accumulating:
             return  # ``.grad`` keeps accumulating; the backward pass after ``no_sync`` sends the sum
+        self.timer.exchanges += 1
         started = time.perf_counter()
         grads, missing = [], False
         for i, (p, view) in enumerate(zip(self.params, self.views, strict=True)):

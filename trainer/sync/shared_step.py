@@ -280,6 +280,7 @@ class SharedStep:
     def _sync(self) -> None:
         if self.accumulating:
             return  # ``.grad`` keeps accumulating; the backward pass after ``no_sync`` sends the sum
+        self.timer.exchanges += 1
         started = time.perf_counter()
         grads = []
         for i, p in enumerate(self.params):

@@ -25,12 +25,15 @@ class SyncTimer:
         self._first_launch: Mark | None = None
         self._last_done: Mark = 0.0
         self._extra_ms = 0.0
+        self.exchanges = 0  # gradient exchanges so far (one per synced backward pass, not per bucket)
 
     def timed(self, hook: Hook) -> Callable:
         """A DDP communication hook that runs ``hook(bucket)`` and times it."""
 
         def timed_hook(state: object, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
             on_cuda = bucket.buffer().is_cuda
+            if bucket.index() == 0:
+                self.exchanges += 1
             if self._first_launch is None:
                 self._first_launch = _mark(on_cuda)
             return hook(bucket).then(functools.partial(self._finished, on_cuda))

@@ -64,6 +64,7 @@ class Progress:
             else None
         )
         self.run_times = StepTimes()  # every window of this process, for the summary
+        self.extra: dict[str, Any] = {}  # figures the engine adds to the summary
         self.show_bar = dist_env.is_main and sys.stdout.isatty()
         self._first_step_done = False
         self.resumed_from_step: int | None = None
@@ -323,4 +324,5 @@ class Progress:
             "torch_version": torch.__version__,
             "parameters": count_parameters(model),
             "params_sha256": params_sha256(model),
+            **self.extra,
         }
