@@ -5,6 +5,7 @@ kill -9 with dropout and AdamW, trains every window once across a change of worl
 from __future__ import annotations
 
 import csv
+import html
 import json
 import math
 import signal
@@ -215,3 +216,27 @@ def test_bf16_trains_keeps_float32_state_and_resumes_bit_for_bit(tmp_path: Path,
     assert moments and {t.dtype for t in moments} == {torch.float32}
     # The same run in float32 (the module's trained run): bf16 really changed the arithmetic.
     assert summary["params_sha256"] != read_summary(trained)["params_sha256"]
+
+
+def test_summary_gives_tokens_per_second_and_mfu_and_the_report_a_sample(trained: Path) -> None:
+    """tokens/s is samples/s times the context; the MFU is the task's FLOPs (nanoGPT's 6 N + 12 L H Q T
+    per token) at that rate over world size x rank 0's measured matmul rate; the trained model's
+    sample is in sample.txt (as trainer generate prints it for that prompt and seed) and in the report."""
+    summary = read_summary(trained)
+    assert summary["tokens_per_second"] == pytest.approx(summary["samples_per_second"] * 16, rel=1e-9)
+    task = ShakespeareChar(ShakespeareChar.Options(n_layer=1, n_embd=32, n_head=2, block_size=16))
+    model = task.build_model()
+    weights = sum(p.numel() for p in model.parameters()) - 16 * 32
+    assert summary["model_flops_per_sample"] == (6 * weights + 12 * 1 * 2 * 16 * 16) * 16
+    rate = summary["matmul_gflops_per_rank"] * 1e9
+    expected = summary["model_flops_per_sample"] * summary["samples_per_second"] / (2 * rate)
+    assert 0 < summary["mfu"] < 1 and summary["mfu"] == pytest.approx(expected, rel=1e-9)
+    sample = (trained / "sample.txt").read_text()
+    assert len(sample) == 200 and set(sample) <= set(task.vocabulary)
+    printed = generate(str(trained), "--prompt", "\n", "--tokens", "200", "--seed", "0")
+    assert printed.returncode == 0 and printed.stdout == "\n" + sample + "\n", printed.stdout[-500:]
+    report = run_process([sys.executable, "-m", "trainer", "report", str(trained)], clean_env(), timeout=120)
+    assert_ok(report)
+    page = (trained / "report.html").read_text()
+    assert "A sample from the trained model" in page and html.escape(sample) in page
+    assert "tokens/s" in page and "MFU" in page

@@ -66,6 +66,9 @@ def test_torchrun_writes_every_output(torchrun_run: tuple[Path, subprocess.Compl
     assert 0 <= summary["test_accuracy"] <= 1
     assert summary["sync_ms_per_batch"] > 0, "two ranks must measure a real all-reduce"
     assert summary["samples_per_second"] > 0
+    # The MLP's FLOPs: 6 per Linear weight; no tokens (its samples are images, not sequences).
+    assert summary["model_flops_per_sample"] == 6 * (784 * 512 + 512 * 256 + 256 * 10)
+    assert summary["tokens_per_second"] is None and 0 < summary["mfu"] < 1
     # Each rank maps torch's libraries and the shared step's memory, which RSS counts in every rank:
     # what a rank holds alone (USS) is less than its share of all it maps (PSS), which is less than
     # RSS; the ranks' PSS together are less than their RSS together.

@@ -209,3 +209,19 @@ class Task:
     def describe(self, model: nn.Module) -> str:
         """One line for the log: what this model is."""
         return f"{type(model).__name__}"
+
+    def tokens_per_sample(self) -> int | None:
+        """For a sample that is a sequence, its length in tokens (the summary then gives tokens/s);
+        None otherwise."""
+        return None
+
+    def flops_per_sample(self, model: nn.Module) -> float | None:
+        """The model FLOPs of one training sample, forward and backward (the usual estimate: 6 per
+        weight per token, plus attention's), from which the summary gives the model FLOPs
+        utilisation (``mfu``); None where the task gives none."""
+        return None
+
+    def sample_text(self, model: nn.Module) -> str | None:
+        """A short text the trained model produces, for the report (a language model's sample);
+        None for tasks with nothing to show. Runs on rank 0 after training, on the CPU copy."""
+        return None

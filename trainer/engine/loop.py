@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import os
@@ -18,6 +19,7 @@ from trainer.core import schedule
 from trainer.core.clock import device_clock
 from trainer.core.config import TrainConfig
 from trainer.core.errors import UsageError
+from trainer.core.fileio import atomic_write_text
 from trainer.core.optim import hyperparameters, reapply
 from trainer.core.rng import capture_rng, restore_rng, seed_rank
 from trainer.core.task import Splits, Task
@@ -37,6 +39,7 @@ from trainer.sync.comm import wrap_model
 from trainer.sync.shared_step import recipe_reason
 from trainer.watch.metrics import StepTimes
 from trainer.watch.progress import Progress
+from trainer.watch.report import SAMPLE_FILE
 
 log = logging.getLogger(__name__)
 
@@ -384,6 +387,7 @@ class Trainer:
             self.progress.hang.expect_wait(self.cfg.checkpoint_timeout)
             if self.dist_env.is_main:  # before the summary, which marks the run finished
                 export_model(self.cfg, self.task, self.model, self.state, test, self.splits)
+                self.write_sample()
             self.wait_for_writer("the exported model")
         except Exception as exc:
             self.progress.hang.failed(exc)  # a wait for peers that failed: raises, naming who did not arrive
@@ -394,6 +398,13 @@ class Trainer:
         # Gradient exchanges of this launch on this rank: one per step, however many micro-batches.
         self.progress.extra["gradient_exchanges"] = self.comm.timer.exchanges if self.comm is not None else 0
         return self.progress.finish(self.state, self.model, test, time.perf_counter() - wall_started)
+
+    def write_sample(self) -> None:
+        """``RUN_DIR/sample.txt``: what the trained model writes (``Task.sample_text``), for the report."""
+        model = self.model if self.device.type == "cpu" else copy.deepcopy(self.model).cpu()
+        text = self.task.sample_text(model)
+        if text is not None:
+            atomic_write_text(Path(self.cfg.run_dir) / SAMPLE_FILE, text)
 
     # -- checkpoint state ---------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from trainer.core.config import TrainConfig
 from trainer.core.errors import UsageError
 from trainer.core.optim import build_optimizer
 from trainer.core.task import Batch, Splits, StepResult, Task, option
-from trainer.tasks.gpt import GPT, GPTShape, decay_groups
+from trainer.tasks.gpt import GPT, GPTShape, decay_groups, sample
 from trainer.tasks.shakespeare_data import WindowSplit, load_corpus
 
 
@@ -130,6 +130,27 @@ class ShakespeareChar(Task):
     def describe(self, model: nn.Module) -> str:
         o = self.options
         return f"GPT {o.n_layer} layers, {o.n_head} heads, width {o.n_embd}, context {o.block_size}"
+
+    def tokens_per_sample(self) -> int:
+        return self.options.block_size
+
+    def flops_per_sample(self, model: nn.Module) -> float:
+        """nanoGPT's ``estimate_mfu`` per window: 6 N + 12 L H Q T per token, N the weights less the
+        position embeddings (a lookup, no multiply-adds), Q the head width, T the context."""
+        o = self.options
+        weights = sum(p.numel() for p in model.parameters()) - o.block_size * o.n_embd
+        per_token = 6 * weights + 12 * o.n_layer * o.n_head * (o.n_embd // o.n_head) * o.block_size
+        return float(per_token * o.block_size)
+
+    def sample_text(self, model: nn.Module) -> str:
+        """200 characters after a newline, at temperature 1 from a generator seeded with 0, as
+        ``trainer generate RUN_DIR --prompt '\\n' --tokens 200 --seed 0`` prints them."""
+        was_training = model.training
+        try:
+            new = sample(model, self.encode("\n"), 200, torch.Generator().manual_seed(0), 1.0, None)  # type: ignore[arg-type]
+        finally:
+            model.train(was_training)
+        return self.decode(new)
 
     def export_metadata(self, model: nn.Module) -> dict[str, Any]:
         o = self.options

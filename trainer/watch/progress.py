@@ -41,7 +41,7 @@ from trainer.distributed.env import DistEnv
 from trainer.lifecycle.rundir import earlier_segments
 from trainer.lifecycle.train_state import TrainState
 from trainer.watch.hang import HangWatch
-from trainer.watch.machine import record_platform
+from trainer.watch.machine import measure_matmul, record_platform
 from trainer.watch.metrics import RankLog, ResourceSampler, StepTimes, peak_rss_mb, percentile, write_metrics_csv
 from trainer.watch.tensorboard import TensorBoardLog, require_tensorboard
 
@@ -54,7 +54,7 @@ class Progress:
     def __init__(self, cfg: TrainConfig, dist_env: DistEnv, device: torch.device, task: Task) -> None:
         self.cfg, self.dist_env, self.device = cfg, dist_env, device
         self.figures = ("loss", *task.metrics)  # what each step reports, in order
-        self.task_name = task.name
+        self.task, self.task_name = task, task.name
         self.run_dir = Path(cfg.run_dir)
         self.sampler = ResourceSampler()
         self.rank_log = RankLog(self.run_dir / f"rank{dist_env.rank}.jsonl")
@@ -255,6 +255,14 @@ class Progress:
         self.rank_log.close()
         if self.dist_env.is_main:
             write_json(self.run_dir / "summary.json", summary)
+        if summary["tokens_per_second"] or summary["mfu"]:
+            log.info(
+                "model FLOPs: %s%s",
+                f"{summary['tokens_per_second']:.0f} tokens/s, " if summary["tokens_per_second"] else "",
+                f"MFU {summary['mfu']:.1%} of {summary['matmul_gflops_per_rank']:.1f} GFLOP/s per rank (fp32 matmul)"
+                if summary["mfu"]
+                else "no MFU (measured on the CPU only)",
+            )
         log.info(
             "done: %strain %.1f s, %.0f samples/s, sync %.3f ms/batch, "
             "peak USS %.0f MB/rank (RSS %.0f, counting what the ranks share in each)",
@@ -324,5 +332,25 @@ class Progress:
             "torch_version": torch.__version__,
             "parameters": count_parameters(model),
             "params_sha256": params_sha256(model),
+            **self.model_flops(model, state.samples_trained / state.train_seconds if state.train_seconds else 0.0),
             **self.extra,
         }
+
+    def model_flops(self, model: nn.Module, samples_per_second: float) -> dict[str, Any]:
+        """tokens/s, and the model FLOPs utilisation: the task's FLOPs per sample times samples/s over
+        world size x the fp32 matmul rate that rank 0 measures at the end at the ranks' thread count
+        (a 512 x 512 torch.mm, about 0.1 s; ``trainer platform`` measures the same kind of figure).
+        The MFU is rank 0's figure, on the CPU only: None elsewhere or where the task gives no FLOPs."""
+        tokens = self.task.tokens_per_sample()
+        flops = self.task.flops_per_sample(model)
+        figures: dict[str, Any] = {
+            "tokens_per_second": samples_per_second * tokens if tokens else None,
+            "model_flops_per_sample": flops,
+            "matmul_gflops_per_rank": None,
+            "mfu": None,
+        }
+        if flops and self.dist_env.is_main and self.device.type == "cpu" and samples_per_second > 0:
+            rate = measure_matmul(torch.get_num_threads(), size=512, repeats=5)["gflops"]
+            figures["matmul_gflops_per_rank"] = rate
+            figures["mfu"] = flops * samples_per_second / (self.dist_env.world_size * rate * 1e9)
+        return figures

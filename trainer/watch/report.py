@@ -34,6 +34,8 @@ from trainer.core.fileio import atomic_write_bytes, atomic_write_text
 from trainer.lifecycle.rundir import headline_figures
 from trainer.watch.machine import PLATFORM_FILE, render
 
+SAMPLE_FILE = "sample.txt"  # what the trained model wrote (Task.sample_text), shown by the report
+
 TIMINGS = ("data_ms", "compute_ms", "sync_ms")
 
 
@@ -328,7 +330,10 @@ def page(run: Run, pngs: dict[str, bytes]) -> str:
     headline = (
         (f"{summary['task']}: " if "task" in summary else "")
         + f"{headline_figures(summary)}, {summary['global_step']} steps at world size "
-        f"{summary['world_size']}, {summary['samples_per_second']:.0f} samples/s, {summary['restarts']} restarts"
+        f"{summary['world_size']}, {summary['samples_per_second']:.0f} samples/s"
+        + (f", {summary['tokens_per_second']:.0f} tokens/s" if summary.get("tokens_per_second") else "")
+        + (f", MFU {summary['mfu']:.1%}" if summary.get("mfu") else "")
+        + f", {summary['restarts']} restarts"
         + (f", peak USS {summary['peak_uss_mb']:.0f} MB per rank" if "peak_uss_mb" in summary else "")
         if summary
         else "no summary.json: the run has not finished"
@@ -350,6 +355,11 @@ def page(run: Run, pngs: dict[str, bytes]) -> str:
         data = base64.b64encode(png).decode()
         parts.append(f"<h2>{CAPTIONS[stem]}</h2><img alt='{stem}' src='data:image/png;base64,{data}'>")
     platform_text = render(run.platform, None, "recorded by the run") if run.platform else "no platform.json"
+    try:  # a text the trained model wrote (a language model's sample), if the task gives one
+        sample = (run.path / SAMPLE_FILE).read_text()
+        parts.append(f"<h2>A sample from the trained model</h2><pre class='sample'>{html.escape(sample)}</pre>")
+    except OSError:
+        pass
     parts += [
         "<h2>Summary and config</h2><div class='cols'>",
         f"<div>{_table(summary, 'no summary.json')}</div><div>{_table(run.config, 'no config.json')}</div></div>",
