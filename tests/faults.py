@@ -92,3 +92,12 @@ def trained_positions(run_dir: Path, by_restarts: bool = True) -> dict[int, list
             if redone_after is None or record["step"] <= redone_after:
                 by_epoch.setdefault(record["epoch"], []).extend(record["positions"])
     return by_epoch
+
+
+def assert_one_epoch_trained_once(run_dir: Path, samples: int, noun: str = "samples") -> None:
+    """The run's one epoch trained each of its ``samples`` positions exactly once (``--record-samples``)."""
+    positions = trained_positions(run_dir)
+    assert list(positions) == [1]
+    seen = positions[1]
+    assert len(seen) == len(set(seen)), f"{len(seen) - len(set(seen))} {noun} trained twice"
+    assert set(seen) == set(range(samples)), f"{samples - len(set(seen))} {noun} skipped"

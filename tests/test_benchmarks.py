@@ -121,3 +121,20 @@ def test_hierarchical_quick(tmp_path: Path) -> None:
         assert float(row["link_bytes_per_step_per_host"]) > 0
     assert len(read_csv(tmp_path / "raw.csv")) == 4  # a short and a long run of each
     assert "link bytes/step/host" in (tmp_path / "hierarchical.md").read_text()
+
+
+def test_nanogpt_quick(tmp_path: Path) -> None:
+    """nanoGPT's own train.py and the trainer on the same recipe, 24 iterations, both world sizes."""
+    cmd = [sys.executable, "-m", "benchmarks.nanogpt", "--iters", "24", "--out", str(tmp_path)]
+    assert_ok(run_process(cmd, clean_env(), timeout=600))
+    rows = read_csv(tmp_path / "nanogpt.csv")
+    assert [(r["world_size"], r["trainer"]) for r in rows] == [
+        ("1", "nanoGPT train.py"),
+        ("1", "trainer"),
+        ("2", "nanoGPT train.py"),
+        ("2", "trainer"),
+    ]
+    for row in rows:
+        assert float(row["ms_per_iter"]) > 0 and float(row["floor_ms"]) > 0
+        assert 2.0 < float(row["val_loss"]) < 4.2, row  # below a uniform guess (ln 65 = 4.17) after 24 steps
+    assert float(rows[0]["own_estimate"]) > 0  # nanoGPT's own 20-batch estimate, read from its log

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import Launched, assert_ok, clean_env, read_summary, run_process, run_torchrun, run_trainer, wait_until
-from faults import latest_step, records, trained_positions, workers
+from faults import assert_one_epoch_trained_once, latest_step, records, workers
 
 from trainer.cli import parse_run
 from trainer.core.schedule import lr_at
@@ -50,11 +50,7 @@ def exact_rows(run_dir: Path) -> list[dict[str, str]]:
 
 
 def assert_every_window_once(run_dir: Path) -> None:
-    positions = trained_positions(run_dir)
-    assert list(positions) == [1]
-    seen = positions[1]
-    assert len(seen) == len(set(seen)), f"{len(seen) - len(set(seen))} windows trained twice"
-    assert set(seen) == set(range(WINDOWS)), f"{WINDOWS - len(set(seen))} windows skipped"
+    assert_one_epoch_trained_once(run_dir, WINDOWS, "windows")
 
 
 def generate(*args: str) -> subprocess.CompletedProcess[str]:

@@ -25,7 +25,7 @@ from conftest import (
     run_trainer,
     wait_until,
 )
-from faults import latest_step, metrics_rows, trained_positions, workers
+from faults import assert_one_epoch_trained_once, latest_step, metrics_rows, workers
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from trainer.distributed.jobs import torchrun_command
@@ -53,11 +53,7 @@ def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
 
 
 def assert_every_sample_once(run_dir: Path) -> None:
-    positions = trained_positions(run_dir)
-    assert list(positions) == [1]
-    seen = positions[1]
-    assert len(seen) == len(set(seen)), f"{len(seen) - len(set(seen))} samples trained twice"
-    assert set(seen) == set(range(CNN_TRAIN)), f"{CNN_TRAIN - len(set(seen))} samples skipped"
+    assert_one_epoch_trained_once(run_dir, CNN_TRAIN, "samples")
 
 
 @pytest.fixture(scope="module")

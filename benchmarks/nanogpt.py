@@ -1,0 +1,232 @@
+"""shakespeare-char against nanoGPT's own train.py on the same recipe, side by side in one sitting.
+
+    python -m benchmarks.nanogpt                  # 200 iterations: the speed table (a few minutes)
+    python -m benchmarks.nanogpt --iters 2000     # the whole recipe: speed and validation losses
+    python -m benchmarks.nanogpt --seeds 1337 1   # several seeds of each, for the losses' spread
+
+The peer is nanoGPT's ``train.py`` and ``model.py`` (benchmarks/peers/nanogpt, MIT, three lines
+patched to run on the CPU over gloo and to take its seed from the environment), run on the
+recipe its README gives for a CPU: 4 layers, 4 heads, 128 wide, context 64, batch 12, dropout 0,
+AdamW at 1e-3 with beta2 0.99, 100 warm-up steps (half the run if shorter), cosine to 1e-4 at the
+last iteration, clipping at 1.0. At world size 2 it gets ``--gradient_accumulation_steps=2`` (it
+divides that by the world size) and ``--batch_size=6``: one micro-batch of 6 per rank, a global
+batch of 12, as the trainer's ``--global-batch-size 12`` gives. Every process has one thread.
+
+Rows: ms per iteration (nanoGPT: the median of its own per-iteration times after 10; the trainer:
+training time per step), and the validation loss of the final weights over the same fixed set
+(shakespeare-char's validation windows, every 64th character: docs/shakespeare.md) for both, and
+nanoGPT's own estimate (the mean of ``eval_iters`` random batches) beside it. The floor is the
+bare forward, backward, clipping and AdamW step of the same model on random windows, one process
+(world size 1) or two at once (world size 2, 6 windows each), with no exchange at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import (
+    REPO,
+    child_env,
+    machine,
+    machine_line,
+    markdown_table,
+    publish,
+    results_dir,
+    run_checked,
+    write_csv,
+    write_json,
+)
+
+PEER = REPO / "benchmarks" / "peers" / "nanogpt" / "train.py"
+RECIPE = [
+    *("--device=cpu", "--compile=False", "--block_size=64", "--n_layer=4", "--n_head=4", "--n_embd=128"),
+    *("--dropout=0.0", "--learning_rate=1e-3", "--min_lr=1e-4", "--beta2=0.99"),
+    *("--grad_clip=1.0", "--log_interval=1", "--eval_iters=20", "--always_save_checkpoint=True"),
+]
+BATCH = 12
+
+
+def warmup(iters: int) -> int:
+    """The recipe's 100 warm-up steps; fewer in a short run, so that the cosine still has steps to decay."""
+    return min(100, iters // 2)
+
+
+def prepare_data(directory: Path) -> Path:
+    """nanoGPT's data/shakespeare_char files (train.bin, val.bin, meta.pkl) from the shipped corpus."""
+    from trainer.tasks.shakespeare_data import load_corpus
+
+    corpus = load_corpus()
+    data = directory / "shakespeare_char"
+    data.mkdir(parents=True)
+    corpus.train.numpy().astype(np.uint16).tofile(data / "train.bin")
+    corpus.val.numpy().astype(np.uint16).tofile(data / "val.bin")
+    itos = dict(enumerate(corpus.vocabulary))
+    meta = {"vocab_size": len(itos), "itos": itos, "stoi": {c: i for i, c in itos.items()}}
+    (data / "meta.pkl").write_bytes(pickle.dumps(meta))
+    return data
+
+
+@torch.no_grad()
+def fixed_set_loss(state: dict[str, torch.Tensor]) -> float:
+    """The mean loss per character of shakespeare-char's validation windows, for weights ``state``."""
+    from trainer.tasks.shakespeare_char import ShakespeareChar
+
+    task = ShakespeareChar()
+    model = task.build_model()
+    model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in state.items()})
+    model.eval()
+    split = task.build_data(torch.device("cpu")).val
+    assert split is not None
+    total, count = 0.0, 0
+    for begin in range(0, len(split), 256):
+        inputs, targets = split.batch(torch.arange(begin, min(begin + 256, len(split))))
+        total += F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(), reduction="sum").item()
+        count += targets.numel()
+    return total / count
+
+
+def run_nanogpt(world: int, iters: int, seed: int, data: Path, out: Path) -> dict[str, Any]:
+    args = [*RECIPE, f"--dataset={data}", f"--out_dir={out}", f"--max_iters={iters}", f"--lr_decay_iters={iters}"]
+    args += [f"--eval_interval={iters}", f"--warmup_iters={warmup(iters)}"]
+    if world == 1:
+        cmd = [sys.executable, str(PEER), *args, f"--batch_size={BATCH}", "--gradient_accumulation_steps=1"]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", str(PEER)]
+        cmd += [*args, "--backend=gloo", f"--batch_size={BATCH // world}", f"--gradient_accumulation_steps={world}"]
+    output, _ = run_checked(cmd, child_env(OMP_NUM_THREADS="1", NANOGPT_SEED=str(seed)), timeout=3600)
+    logged = re.findall(r"^iter (\d+): loss \S+, time ([\d.]+)ms", output, re.M)
+    times = [float(t) for i, t in logged if 10 <= int(i) < iters]  # warm-up and the final evaluation left out
+    estimate = re.findall(r"step \d+: train loss \S+, val loss ([\d.]+)", output)
+    state = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)["model"]
+    return {
+        "ms_per_iter": statistics.median(times),
+        "val_loss": fixed_set_loss(state),
+        "own_estimate": float(estimate[-1]) if estimate else None,
+    }
+
+
+def run_trainer(world: int, iters: int, seed: int, out: Path) -> dict[str, Any]:
+    args = ["-m", "trainer", "--task", "shakespeare-char", "--max-steps", str(iters), "--lr-decay-steps", str(iters)]
+    args += ["--seed", str(seed), "--run-dir", str(out), "--checkpoint-every", str(iters), "--log-every", "100"]
+    args += ["--warmup-steps", str(warmup(iters))]
+    if world > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", *args[1:]]
+    else:
+        cmd = [sys.executable, *args]
+    run_checked(cmd, child_env(OMP_NUM_THREADS="1"), timeout=3600)
+    summary = json.loads((out / "summary.json").read_text())
+    return {"ms_per_iter": summary["train_seconds"] / summary["global_step"] * 1e3, "val_loss": summary["val_loss"]}
+
+
+def floor_worker(iters: int, batch: int) -> None:
+    """The bare step of the same model: forward, backward, clipping, AdamW; prints ms per step."""
+    from trainer.core.config import TrainConfig
+    from trainer.tasks.shakespeare_char import ShakespeareChar
+
+    torch.set_num_threads(1)
+    task = ShakespeareChar()
+    model = task.build_model()
+    cfg = TrainConfig(**task.defaults)
+    optimizer = task.build_optimizer(model, cfg)
+    split = task.build_data(torch.device("cpu")).train
+    generator = torch.Generator().manual_seed(0)
+    times = []
+    for step in range(iters):
+        started = time.perf_counter()
+        inputs, targets = split.batch(torch.randint(len(split), (batch,), generator=generator))
+        loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if step >= 10:
+            times.append((time.perf_counter() - started) * 1e3)
+    print(f"floor_ms {statistics.median(times):.4f}")
+
+
+def run_floor(world: int, iters: int) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "benchmarks.nanogpt", "--floor-worker", "--iters", str(iters)]
+    cmd += ["--batch", str(BATCH // world)]
+    procs = [
+        subprocess.Popen(cmd, env=child_env(OMP_NUM_THREADS="1"), cwd=REPO, stdout=subprocess.PIPE, text=True)
+        for _ in range(world)
+    ]
+    outputs = [p.communicate(timeout=3600)[0] for p in procs]
+    values = [float(re.search(r"floor_ms ([\d.]+)", o).group(1)) for o in outputs]  # type: ignore[union-attr]
+    return {"ms_per_iter": max(values)}  # the step of a job is its slowest rank's
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.nanogpt", description=__doc__.split("\n")[0])
+    parser.add_argument("--iters", type=int, default=200, help="iterations per run (the recipe has 2000)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1337], help="one run of each trainer per seed")
+    parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2], help="world sizes")
+    parser.add_argument("--out", help="results folder (default benchmarks/results/nanogpt-<time>)")
+    parser.add_argument("--floor-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, default=BATCH, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.floor_worker:
+        floor_worker(args.iters, args.batch)
+        return
+    out = results_dir("nanogpt", args.out)
+    info = machine()
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        data = prepare_data(Path(scratch))
+        for world in args.worlds:
+            floor = run_floor(world, args.iters)["ms_per_iter"]
+            for seed in args.seeds:
+                peer = run_nanogpt(world, args.iters, seed, data, Path(scratch) / f"nanogpt-{world}-{seed}")
+                ours = run_trainer(world, args.iters, seed, Path(scratch) / f"trainer-{world}-{seed}")
+                for name, result in (("nanoGPT train.py", peer), ("trainer", ours)):
+                    rows.append(
+                        {
+                            "world_size": world,
+                            "seed": seed,
+                            "trainer": name,
+                            "ms_per_iter": result["ms_per_iter"],
+                            "x_floor": result["ms_per_iter"] / floor,
+                            "speed_vs_nanogpt": peer["ms_per_iter"] / result["ms_per_iter"],
+                            "val_loss": result["val_loss"],
+                            "own_estimate": result.get("own_estimate"),
+                            "floor_ms": floor,
+                        }
+                    )
+    write_csv(out / "nanogpt.csv", rows)
+    write_json(out / "machine.json", info)
+    columns = [
+        ("world_size", "world size"),
+        ("seed", "seed"),
+        ("trainer", "trainer"),
+        ("ms_per_iter", "ms/iter"),
+        ("floor_ms", "floor ms"),
+        ("x_floor", "x floor"),
+        ("speed_vs_nanogpt", "speed vs nanoGPT"),
+        ("val_loss", "val loss (fixed set)"),
+        ("own_estimate", "nanoGPT's own estimate"),
+    ]
+    text = f"{args.iters} iterations, one thread per process. {machine_line(info)}\n\n{markdown_table(rows, columns)}\n"
+    publish(out, "nanogpt", text)
+
+
+if __name__ == "__main__":
+    main()
