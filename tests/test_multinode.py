@@ -157,6 +157,48 @@ def test_hierarchical_sum_is_the_fixed_order_sum(tmp_path: Path, hosts: list[Hos
             assert torch.equal(rank["results"][call], want), f"rank {r}, call {call}: not the fixed-order sum"
 
 
+def worker_env(proc: psutil.Process) -> dict[str, str]:
+    with contextlib.suppress(psutil.Error):
+        if "trainer.distributed.agent" not in proc.cmdline() and "trainer" in proc.cmdline():
+            return proc.environ()
+    return {}
+
+
+def test_a_stopped_leader_is_named_and_no_live_leader_is_blamed(tmp_path: Path, hosts: list[Host]) -> None:
+    """The hierarchical sync, two hosts of two ranks: the leader of the host without rank 0 stops
+    (SIGSTOP) in training. The other host's leader fails its gloo exchange after ``--timeout`` and
+    names the stopped rank; the ranks that wait for a leader wait twice as long, so the other host's
+    non-leader never blames its own live leader for not finishing its step across hosts."""
+    run_dir = tmp_path / "run"
+    cmd = [str(LAUNCH / "multinode.sh"), "--epochs", "1", "--batch-size", "50", "--log-every", "5"]
+    cmd += ["--timeout", "6", "--comm", "hierarchical", "--log-all-ranks", "--run-dir", str(run_dir)]
+    env = agent_env(hosts[0], "2", NPROC, RDZV_ID=run_dir.name, MAX_RESTARTS="0")
+    agents = [host.run(cmd, env, tmp_path / f"{host.name}.log") for host in hosts]
+    stopped = None
+    try:
+        wait_until(lambda: latest_step(run_dir) >= 10, 180, "step 10", agents[0])
+        live = rank_zero_host(hosts)
+        assert live is not None
+        other = next(host for host in hosts if host != live)
+        leaders = [p for p in host_processes(other) if worker_env(p).get("LOCAL_RANK") == "0"]
+        assert len(leaders) == 1
+        stopped, stopped_rank = leaders[0], int(worker_env(leaders[0])["RANK"])
+        stopped.suspend()
+        live_agent = agents[hosts.index(live)]
+        live_agent.wait(120)
+    finally:
+        if stopped is not None:
+            with contextlib.suppress(psutil.Error):
+                stopped.kill()
+        for agent in agents:
+            agent.kill()
+    logs = "".join(agent.output() for agent in agents)
+    assert re.search(rf"HangDetected: rank 0 gave up waiting for peers .*did not arrive: rank {stopped_rank} ", logs), (
+        logs[-5000:]
+    )
+    assert not re.search(r"rank\(s\) [01] did not finish its step across hosts", logs), logs[-5000:]
+
+
 def test_failed_set_up_on_one_rank_means_gloo_on_every_rank(tmp_path: Path, hosts: list[Host]) -> None:
     """Rank 3 (not on rank 0's host) cannot map its host's shared memory: all four ranks fall back to
     flat gloo together, rank 0 says why once, and the run trains."""

@@ -529,7 +529,9 @@ class ShmAllreduce:
             leader_step(result)
             self._flags[self._share_flag] = generation
         else:
-            self.wait_for_peers(generation, self._leader, "finish its step across hosts")
+            # Twice the leader's own limit: a leader that waits on a stopped host times out first and
+            # names it (trainer/watch/hang.py), instead of its host's ranks blaming the live leader.
+            self.wait_for_peers(generation, self._leader, "finish its step across hosts", 2 * self.timeout_s)
         divide_into(result, divide_by, out)
         self._generation = generation
 
@@ -631,9 +633,12 @@ class ShmAllreduce:
         """Whether every rank's published chunk sum is finite (NaN and Inf propagate through a sum)."""
         return bool(np.isfinite(self._chunk_sums[1::FLAG_STRIDE]).all())
 
-    def wait_for_peers(self, phase: int, peers: list[Peer] | None = None, doing: str = "") -> None:
+    def wait_for_peers(
+        self, phase: int, peers: list[Peer] | None = None, doing: str = "", timeout_s: float | None = None
+    ) -> None:
         """Return once each of ``peers`` (default: every peer) has published ``phase`` in its flag:
-        spin, then yield, then sleep (module docstring). ``doing``: what a stuck peer failed to do."""
+        spin, then yield, then sleep (module docstring). ``doing``: what a stuck peer failed to do;
+        ``timeout_s``: how long a live peer may take (default: the reducer's timeout)."""
         flags = self._flags
         waiting = [peer for peer in (self._peers if peers is None else peers) if flags[peer[3]] < phase]
         polls = 0
@@ -652,17 +657,18 @@ class ShmAllreduce:
                     sleep_s = min(2 * sleep_s, SLEEP_MAX_S)
                 if now >= next_check:
                     next_check = now + LIVENESS_EVERY_S
-                    self._check_peers(waiting, now - started, doing or "reach the shared-memory all-reduce")
+                    limit = self.timeout_s if timeout_s is None else timeout_s
+                    self._check_peers(waiting, now - started, doing or "reach the shared-memory all-reduce", limit)
             waiting = [peer for peer in waiting if flags[peer[3]] < phase]
 
-    def _check_peers(self, waiting: list[Peer], waited_s: float, doing: str) -> None:
+    def _check_peers(self, waiting: list[Peer], waited_s: float, doing: str, timeout_s: float) -> None:
         # Messages name global ranks: in a host's group of a hierarchical sync they differ from group ranks.
         for rank, pid, start, _ in waiting:
             if _start_time(pid) != start:
                 raise PeerGone(f"rank {self._global(rank)} (pid {pid}) exited during a shared-memory all-reduce")
-        if waited_s > self.timeout_s:
+        if waited_s > timeout_s:
             ranks = ", ".join(str(self._global(rank)) for rank, _, _, _ in waiting)
-            raise PeerGone(f"rank(s) {ranks} did not {doing} within {self.timeout_s:.0f} s")
+            raise PeerGone(f"rank(s) {ranks} did not {doing} within {timeout_s:.0f} s")
 
     def _global(self, rank: int) -> int:
         return dist.get_global_rank(self.group, rank)
