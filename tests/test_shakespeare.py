@@ -236,3 +236,20 @@ def test_summary_gives_tokens_per_second_and_mfu_and_the_report_a_sample(trained
     page = (trained / "report.html").read_text()
     assert "A sample from the trained model" in page and html.escape(sample) in page
     assert "tokens/s" in page and "MFU" in page
+
+
+def test_wsd_continued_from_its_stable_phase_equals_the_larger_budget(tmp_path: Path) -> None:
+    """Continuing under warm-up-stable-decay: a run budgeted for 40 steps (decay over steps 32-40),
+    resumed from its step-30 checkpoint (still in the stable phase) with a budget of 80, ends with
+    the weights of a run budgeted for 80 from the start, bit for bit."""
+    wsd = (*SMALL, "--lr-schedule", "wsd", "--warmup-steps", "5", "--checkpoint-every", "10", "--keep-checkpoints", "9")
+    short, larger = tmp_path / "short", tmp_path / "larger"
+    assert_ok(run_trainer([*wsd, "--max-steps", "40", "--lr-decay-steps", "40", "--run-dir", str(short)], timeout=300))
+    assert_ok(run_trainer([*wsd, "--max-steps", "80", "--lr-decay-steps", "80", "--run-dir", str(larger)], timeout=300))
+    step30 = str(short / "checkpoints" / "step-00000030.pt")
+    args = [*wsd, "--max-steps", "80", "--lr-decay-steps", "80", "--run-dir", str(short), "--resume", step30]
+    continued = run_trainer(args, timeout=300)
+    assert_ok(continued)
+    assert "resuming from" in continued.stderr and "step 30" in continued.stderr
+    assert read_summary(short)["global_step"] == 80
+    assert read_summary(short)["params_sha256"] == read_summary(larger)["params_sha256"]
