@@ -212,6 +212,11 @@ def test_bf16_trains_keeps_float32_state_and_resumes_bit_for_bit(tmp_path: Path,
     assert moments and {t.dtype for t in moments} == {torch.float32}
     # The same run in float32 (the module's trained run): bf16 really changed the arithmetic.
     assert summary["params_sha256"] != read_summary(trained)["params_sha256"]
+    # trainer evaluate scores it in its own precision (float32 reads about 1e-5 apart).
+    evaluated = run_process([sys.executable, "-m", "trainer", "evaluate", str(halves)], clean_env(), timeout=120)
+    assert_ok(evaluated)
+    figures = json.loads(evaluated.stdout)
+    assert figures["precision"] == "bf16" and figures["val_loss"] == pytest.approx(summary["val_loss"], rel=1e-6)
 
 
 def test_summary_gives_tokens_per_second_and_mfu_and_the_report_a_sample(trained: Path) -> None:

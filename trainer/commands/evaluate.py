@@ -122,14 +122,16 @@ def evaluate(path: Path, extra: Sequence[str] = ()) -> dict[str, Any]:
     """Evaluate the model PATH stands for on its run's validation split and the test split."""
     source = resolve(path)
     state, config, about = load(source)
-    task, _ = task_from(source, config, extra)
+    task, cfg = task_from(source, config, extra)
     model = model_from(source, state, task)
     splits = task.build_data(torch.device("cpu"))
-    result: dict[str, Any] = {"path": str(source), **about, "task": task.name}
-    for name in ("test", "val"):
-        split = getattr(splits, name)
-        if split is not None:
-            result.update(split_figures(task, model, split, name), **{f"{name}_samples": len(split)})
+    result: dict[str, Any] = {"path": str(source), **about, "task": task.name, "precision": cfg.precision}
+    # In the run's precision, so a bf16 run's figures are the ones its own evaluation gave.
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        for name in ("test", "val"):
+            split = getattr(splits, name)
+            if split is not None:
+                result.update(split_figures(task, model, split, name), **{f"{name}_samples": len(split)})
     return dict(sorted(result.items()))
 
 
