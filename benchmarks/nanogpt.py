@@ -17,7 +17,9 @@ training time per step), and the validation loss of the final weights over the s
 (shakespeare-char's validation windows, every 64th character: docs/shakespeare.md) for both, and
 nanoGPT's own estimate (the mean of ``eval_iters`` random batches) beside it. The floor is the
 bare forward, backward, clipping and AdamW step of the same model on random windows, one process
-(world size 1) or two at once (world size 2, 6 windows each), with no exchange at all.
+(world size 1) or two at once (world size 2, 6 windows each), with no exchange at all, at each
+row's precision. The trainer runs once per ``--precisions`` (float32 and ``--precision bf16``
+by default); nanoGPT runs its recipe in float32, and "speed vs nanoGPT" is always against that.
 """
 
 from __future__ import annotations
@@ -120,10 +122,10 @@ def run_nanogpt(world: int, iters: int, seed: int, data: Path, out: Path) -> dic
     }
 
 
-def run_trainer(world: int, iters: int, seed: int, out: Path) -> dict[str, Any]:
+def run_trainer(world: int, iters: int, seed: int, out: Path, precision: str = "fp32") -> dict[str, Any]:
     args = ["-m", "trainer", "--task", "shakespeare-char", "--max-steps", str(iters), "--lr-decay-steps", str(iters)]
     args += ["--seed", str(seed), "--run-dir", str(out), "--checkpoint-every", str(iters), "--log-every", "100"]
-    args += ["--warmup-steps", str(warmup(iters))]
+    args += ["--warmup-steps", str(warmup(iters)), "--precision", precision]
     if world > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", *args[1:]]
     else:
@@ -133,8 +135,9 @@ def run_trainer(world: int, iters: int, seed: int, out: Path) -> dict[str, Any]:
     return {"ms_per_iter": summary["train_seconds"] / summary["global_step"] * 1e3, "val_loss": summary["val_loss"]}
 
 
-def floor_worker(iters: int, batch: int) -> None:
-    """The bare step of the same model: forward, backward, clipping, AdamW; prints ms per step."""
+def floor_worker(iters: int, batch: int, precision: str) -> None:
+    """The bare step of the same model: forward, backward, clipping, AdamW; prints ms per step.
+    Under bf16 the forward and the loss run in autocast, as the trainer's ``--precision bf16``."""
     from trainer.core.config import TrainConfig
     from trainer.tasks.shakespeare_char import ShakespeareChar
 
@@ -149,7 +152,8 @@ def floor_worker(iters: int, batch: int) -> None:
     for step in range(iters):
         started = time.perf_counter()
         inputs, targets = split.batch(torch.randint(len(split), (batch,), generator=generator))
-        loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -159,9 +163,9 @@ def floor_worker(iters: int, batch: int) -> None:
     print(f"floor_ms {statistics.median(times):.4f}")
 
 
-def run_floor(world: int, iters: int) -> dict[str, Any]:
+def run_floor(world: int, iters: int, precision: str = "fp32") -> dict[str, Any]:
     cmd = [sys.executable, "-m", "benchmarks.nanogpt", "--floor-worker", "--iters", str(iters)]
-    cmd += ["--batch", str(BATCH // world)]
+    cmd += ["--batch", str(BATCH // world), "--precisions", precision]
     procs = [
         subprocess.Popen(cmd, env=child_env(OMP_NUM_THREADS="1"), cwd=REPO, stdout=subprocess.PIPE, text=True)
         for _ in range(world)
@@ -176,6 +180,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=200, help="iterations per run (the recipe has 2000)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1337], help="one run of each trainer per seed")
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2], help="world sizes")
+    parser.add_argument(
+        "--precisions",
+        nargs="+",
+        choices=("fp32", "bf16"),
+        default=["fp32", "bf16"],
+        help="the trainer's --precision for its rows (nanoGPT runs float32, its recipe)",
+    )
     parser.add_argument("--out", help="results folder (default benchmarks/results/nanogpt-<time>)")
     parser.add_argument("--floor-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=BATCH, help=argparse.SUPPRESS)
@@ -185,7 +196,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.floor_worker:
-        floor_worker(args.iters, args.batch)
+        floor_worker(args.iters, args.batch, args.precisions[0])
         return
     out = results_dir("nanogpt", args.out)
     info = machine()
@@ -193,16 +204,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         data = prepare_data(Path(scratch))
         for world in args.worlds:
-            floor = run_floor(world, args.iters)["ms_per_iter"]
+            floors = {
+                p: run_floor(world, args.iters, p)["ms_per_iter"] for p in dict.fromkeys(["fp32", *args.precisions])
+            }
             for seed in args.seeds:
                 peer = run_nanogpt(world, args.iters, seed, data, Path(scratch) / f"nanogpt-{world}-{seed}")
-                ours = run_trainer(world, args.iters, seed, Path(scratch) / f"trainer-{world}-{seed}")
-                for name, result in (("nanoGPT train.py", peer), ("trainer", ours)):
+                runs = [("nanoGPT train.py", "fp32", peer)]
+                for precision in args.precisions:
+                    out_dir = Path(scratch) / f"trainer-{world}-{seed}-{precision}"
+                    runs.append(("trainer", precision, run_trainer(world, args.iters, seed, out_dir, precision)))
+                for name, precision, result in runs:
+                    floor = floors[precision]
                     rows.append(
                         {
                             "world_size": world,
                             "seed": seed,
                             "trainer": name,
+                            "precision": precision,
                             "ms_per_iter": result["ms_per_iter"],
                             "x_floor": result["ms_per_iter"] / floor,
                             "speed_vs_nanogpt": peer["ms_per_iter"] / result["ms_per_iter"],
@@ -217,6 +235,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         ("world_size", "world size"),
         ("seed", "seed"),
         ("trainer", "trainer"),
+        ("precision", "precision"),
         ("ms_per_iter", "ms/iter"),
         ("floor_ms", "floor ms"),
         ("x_floor", "x floor"),

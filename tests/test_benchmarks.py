@@ -124,15 +124,18 @@ def test_hierarchical_quick(tmp_path: Path) -> None:
 
 
 def test_nanogpt_quick(tmp_path: Path) -> None:
-    """nanoGPT's own train.py and the trainer on the same recipe, 24 iterations, both world sizes."""
+    """nanoGPT's own train.py and the trainer (float32 and bf16) on the same recipe, 24 iterations,
+    both world sizes."""
     cmd = [sys.executable, "-m", "benchmarks.nanogpt", "--iters", "24", "--out", str(tmp_path)]
     assert_ok(run_process(cmd, clean_env(), timeout=600))
     rows = read_csv(tmp_path / "nanogpt.csv")
-    assert [(r["world_size"], r["trainer"]) for r in rows] == [
-        ("1", "nanoGPT train.py"),
-        ("1", "trainer"),
-        ("2", "nanoGPT train.py"),
-        ("2", "trainer"),
+    assert [(r["world_size"], r["trainer"], r["precision"]) for r in rows] == [
+        ("1", "nanoGPT train.py", "fp32"),
+        ("1", "trainer", "fp32"),
+        ("1", "trainer", "bf16"),
+        ("2", "nanoGPT train.py", "fp32"),
+        ("2", "trainer", "fp32"),
+        ("2", "trainer", "bf16"),
     ]
     for row in rows:
         assert float(row["ms_per_iter"]) > 0 and float(row["floor_ms"]) > 0

@@ -138,3 +138,25 @@ def test_default_model_size_and_fingerprint() -> None:
     assert count_parameters(model) == 535_818
     assert params_sha256(model) == params_sha256(default_model(cfg.seed))
     assert params_sha256(model) != params_sha256(default_model(parse_config(["--seed", "1"]).seed))
+
+
+def test_the_gpt_attends_in_float32_under_a_cpu_autocast_and_matmuls_in_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU's bf16 attention backward is slower than its float32 one (docs/shakespeare.md)."""
+    from trainer.tasks import gpt
+
+    seen: list[torch.dtype] = []
+    attend = gpt.F.scaled_dot_product_attention
+
+    def recording(q: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        seen.append(q.dtype)
+        return attend(q, *args, **kwargs)
+
+    monkeypatch.setattr(gpt.F, "scaled_dot_product_attention", recording)
+    model = gpt.GPT(gpt.GPTShape(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=False))
+    ids = torch.randint(65, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(ids)
+    assert seen == [torch.float32, torch.float32] and logits.dtype == torch.bfloat16
+    seen.clear()
+    model(ids)
+    assert seen == [torch.float32, torch.float32]
