@@ -51,8 +51,11 @@ def test_a_node_leaves_and_the_survivor_continues_alone_from_the_checkpoint(tmp_
     wait_until(lambda: listening(port), 60, "node A serving the rendezvous store", host)
     other = Launched(agent_cmd(port, False, run_dir), clean_env(), tmp_path / "node-b.log")
     try:
-        # Both nodes trained together (world size 2) past a checkpoint, then node B dies whole.
-        wait_until(lambda: latest_step(run_dir) >= 20, 180, "step 20 at world size 2", host)
+        # Both nodes trained together (world size 2) past a checkpoint, then node B dies whole. The
+        # checkpoint's manifest, written last, not the logged step: a kill between the step and its
+        # checkpoint's commit rightly resumes from the one before.
+        manifest = run_dir / "checkpoints" / "step-00000020.json"
+        wait_until(manifest.exists, 180, "the checkpoint of step 20 at world size 2", host)
         assert "of 2 (local 0 of 1)" in host.output() + other.output()
         other.kill()
         assert host.wait(240) == 0, host.output()[-6000:]
