@@ -10,10 +10,8 @@ from pathlib import Path
 
 import pytest
 from conftest import wait_until
-from hosts import Host
+from hosts import ETCD_PORT, Host, etcd_command
 from launching import launch_env
-
-ETCD_PORT = 2379
 
 
 @contextmanager
@@ -25,16 +23,7 @@ def etcd_on(host: Host, workdir: Path) -> Iterator[str]:
     if shutil.which("etcd") is None:
         pytest.skip("etcd is not installed (Debian: apt-get install -y etcd-server)")
     pytest.importorskip("etcd", reason="python-etcd is not installed (pip install -e '.[etcd]')")
-    url = f"http://{host.addr}:{ETCD_PORT}"
-    cmd = [
-        "etcd",
-        "--enable-v2",
-        f"--data-dir={workdir / 'etcd'}",
-        f"--listen-client-urls={url}",
-        f"--advertise-client-urls={url}",
-        "--listen-peer-urls=http://127.0.0.1:2380",  # a cluster of one: no peer leaves the host
-    ]
-    server = host.run(cmd, launch_env(), workdir / "etcd.log")
+    server = host.run(etcd_command(host, workdir / "etcd"), launch_env(), workdir / "etcd.log")
     try:
         wait_until(lambda: "ready to serve client requests" in server.output(), 60, "etcd to serve", server)
         yield f"{host.addr}:{ETCD_PORT}"

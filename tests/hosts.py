@@ -24,6 +24,7 @@ pytest (benchmarks.hierarchical) import it as ``tests.hosts``; ``Host.run`` is f
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -33,9 +34,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import psutil
+
 if TYPE_CHECKING:  # conftest needs pytest and a sys.path that only a test session has
     from conftest import Launched
 
+ETCD_PORT = 2379
 SUBNET = "10.77.0"  # namespaces have addresses of their own: no clash with the machine's or other tests'
 IFNAME = "eth0"  # every host's link, named as on a real machine (each namespace has its own names)
 
@@ -95,6 +99,59 @@ class Host:
         from conftest import Launched
 
         return Launched([*self.prefix(), *cmd], self.env(env), log)
+
+
+def host_processes(host: Host) -> list[psutil.Process]:
+    """Every live process on ``host`` (all of them share its network namespace)."""
+    found = []
+    for proc in psutil.process_iter(["status"]):
+        if proc.info["status"] != psutil.STATUS_ZOMBIE and host.runs(proc.pid):
+            found.append(proc)
+    return found
+
+
+def kill_host(host: Host) -> list[str]:
+    """The host dies: SIGKILL to every process on it at once (its torchrun agent and the workers,
+    which torchrun starts in sessions of their own); the command lines killed."""
+    doomed, killed = [], []
+    for proc in host_processes(host):  # every command line first: some die with their parent
+        with contextlib.suppress(psutil.Error):
+            killed.append(" ".join(proc.cmdline()))
+            doomed.append(proc)
+    for proc in doomed:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(doomed, timeout=10)
+    return killed
+
+
+def rank_zero_host(hosts: Sequence[Host]) -> Host | None:
+    """The host whose trainer runs as rank 0 now, if any."""
+    for host in hosts:
+        for proc in host_processes(host):
+            with contextlib.suppress(psutil.Error):
+                cmdline = proc.cmdline()
+                if (
+                    proc.environ().get("RANK") == "0"
+                    and "trainer.distributed.agent" not in cmdline
+                    and "trainer" in cmdline
+                ):
+                    return host
+    return None
+
+
+def etcd_command(host: Host, data_dir: Path) -> list[str]:
+    """etcd serving clients at ``host``'s address with the v2 API that torchrun's ``etcd-v2``
+    rendezvous needs (Debian's ``etcd-server``, 3.4); run it with ``host.prefix()``."""
+    url = f"http://{host.addr}:{ETCD_PORT}"
+    return [
+        "etcd",
+        "--enable-v2",
+        f"--data-dir={data_dir}",
+        f"--listen-client-urls={url}",
+        f"--advertise-client-urls={url}",
+        "--listen-peer-urls=http://127.0.0.1:2380",  # a cluster of one: no peer leaves the host
+    ]
 
 
 def _ip(*args: str) -> None:

@@ -24,7 +24,7 @@ from comm_worker import SUM_CALLS, known_terms
 from conftest import assert_ok, read_jsonl, read_summary, run_process, run_torchrun, wait_all_ok, wait_until
 from etcd_server import etcd_on
 from faults import first_steps, latest_step, trained_positions
-from hosts import Host, HostsUnavailable, make_hosts
+from hosts import Host, HostsUnavailable, host_processes, kill_host, make_hosts, rank_zero_host
 from launching import LAUNCH, STEPS, THREADS, launch_env, read_sha
 from safetensors.torch import load_file
 
@@ -281,45 +281,6 @@ def etcd(tmp_path: Path, four_hosts: list[Host]) -> Iterator[str]:
     """A real etcd (v2 API on) alone on the last host; its client address ``host:port``."""
     with etcd_on(four_hosts[-1], tmp_path) as endpoint:
         yield endpoint
-
-
-def host_processes(host: Host) -> list[psutil.Process]:
-    """Every live process on ``host`` (all of them share its network namespace)."""
-    found = []
-    for proc in psutil.process_iter(["status"]):
-        if proc.info["status"] != psutil.STATUS_ZOMBIE and host.runs(proc.pid):
-            found.append(proc)
-    return found
-
-
-def kill_host(host: Host) -> list[str]:
-    """The host dies: SIGKILL to every process on it at once (its torchrun agent and the workers,
-    which torchrun starts in sessions of their own); the command lines killed."""
-    doomed, killed = [], []
-    for proc in host_processes(host):  # every command line first: some die with their parent
-        with contextlib.suppress(psutil.Error):
-            killed.append(" ".join(proc.cmdline()))
-            doomed.append(proc)
-    for proc in doomed:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-    psutil.wait_procs(doomed, timeout=10)
-    return killed
-
-
-def rank_zero_host(hosts: list[Host]) -> Host | None:
-    """The host whose trainer runs as rank 0 now, if any."""
-    for host in hosts:
-        for proc in host_processes(host):
-            with contextlib.suppress(psutil.Error):
-                cmdline = proc.cmdline()
-                if (
-                    proc.environ().get("RANK") == "0"
-                    and "trainer.distributed.agent" not in cmdline
-                    and "trainer" in cmdline
-                ):
-                    return host
-    return None
 
 
 def checkpoint_steps(run_dir: Path, world_size: int, directory: Path | None = None) -> list[int]:
