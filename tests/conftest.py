@@ -256,3 +256,21 @@ def no_leftover_processes() -> Iterator[None]:
         with contextlib.suppress(psutil.NoSuchProcess):
             psutil.Process(pid).kill()
     assert not holders, f"processes of this test still hold the trainer's shared memory: {holders}"
+
+
+# The files that wait most (on Slurm, test hosts, timeouts) or take longest, first: under
+# `make test` (pytest-xdist, one file per test process) they start at once and the short files fill
+# the other processes around them, instead of one long file running alone at the end.
+FIRST = (
+    "test_slurm.py",
+    "test_multinode.py",
+    "test_drills.py",
+    "test_benchmarks.py",
+    "test_elastic.py",
+    "test_shm_trainer.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: index for index, name in enumerate(FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(FIRST)))  # stable: the rest keep their order
