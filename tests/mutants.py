@@ -117,10 +117,10 @@ MUTANTS = (
         ("tests/test_elastic.py::test_sigint_stop_writes_a_checkpoint_and_exits_130",),
     ),
     Mutant(
-        "a rank steps its chunk of the shared weights at another learning rate",
+        "a rank steps its chunk of the shared weights with another momentum",
         "trainer/sync/shared_step.py",
-        '            lr=group["lr"],',
-        '            lr=group["lr"] * (1 + 1e-4 * (__import__("os").environ.get("RANK") == "1")),',
+        "                momentum=momentum,",
+        '                momentum=momentum * (1 + 1e-4 * (__import__("os").environ.get("RANK") == "1")),',
         ("tests/test_train.py::test_all_ranks_end_with_identical_parameters",),
     ),
 )
