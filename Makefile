@@ -4,9 +4,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NPROC ?= 2
-# Three test processes on two cores: much of the suite's time is spent waiting (on timeouts, on Slurm, on a
-# rendezvous), so the others fill it. One file stays on one process (--dist loadfile), so
-# the runs a file's tests share are trained once; the order is tests/conftest.py's.
+# Three test processes on two cores: much of the suite's time is spent waiting (on timeouts,
+# on Slurm, on a rendezvous), so the others fill it. One file stays on one process
+# (--dist loadfile), so the runs a file's tests share are trained once; the order is
+# tests/conftest.py's.
 TEST_WORKERS ?= 3
 
 .PHONY: setup system train test lint bench mutants clean
