@@ -8,7 +8,8 @@ passes on this rank's batch, saved to ``OUT/rank<r>.pt`` together with this rank
 two intra-op threads, each step's synced gradients beside the reference (DDP over gloo) and the
 local gradients on the same weights and batch; whether a peer's in-place writes into its own
 ``.grad`` left this rank's untouched; gradients accumulated over two backward passes, both
-ways; and the sync's finiteness verdicts (``finite_verdicts``). Saved to ``OUT/rank<r>.pt``.
+ways; the sync's finiteness verdicts (``finite_verdicts``); and known terms
+(``known_terms``) through the plain shared-memory all-reduce. Saved to ``OUT/rank<r>.pt``.
 ``die OUT`` / ``stall OUT`` / ``shared-die OUT`` / ``leader-die OUT``: a peer exits or stops where
 the other waits for it (``peer_fails``); the survivor writes what happened to ``OUT/survivor.json``.
 ``wait OUT``: rank 1 is busy for ``BUSY_S`` before joining an all-reduce; rank 0 writes the CPU
@@ -154,7 +155,21 @@ def steps(out: Path) -> None:
         results[f"{option}:accumulated_local"] = [grads_on(local, local, model, step) for step in (0, 1)]
         results[f"{option}:verdicts"] = finite_verdicts(model, forward, comm)
         comm.close()
+    results["shm:known"] = known_sums(rank, dist.get_world_size())
     torch.save(results, out / f"rank{rank}.pt")
+
+
+def known_sums(rank: int, world: int) -> list[torch.Tensor]:
+    """``known_terms`` through the plain shared-memory all-reduce (``shm.open_agreed``), averaged,
+    in ``SUM_CALLS`` calls: the test recomputes the documented summation order."""
+    reducer = shm.open_agreed(dist.group.WORLD, sum(SUM_SIZES), 60)
+    results = []
+    for call in range(SUM_CALLS):
+        result = torch.full((sum(SUM_SIZES),), float("nan"))
+        reducer.allreduce(known_terms(rank, call), result, divide_by=world)
+        results.append(result)
+    reducer.close()
+    return results
 
 
 def with_one_inf(grad: torch.Tensor) -> torch.Tensor:

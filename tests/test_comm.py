@@ -43,7 +43,7 @@ import pytest
 import torch
 
 from tests import adversarial as adv
-from tests.comm_worker import ADVERSARIAL_OPTIONS
+from tests.comm_worker import ADVERSARIAL_OPTIONS, SUM_CALLS, known_terms
 from tests.conftest import REPO, assert_ok, clean_env, free_port, run_process
 from trainer.core.config import COMM_OPTIONS
 from trainer.distributed.jobs import torchrun_command
@@ -177,6 +177,27 @@ def test_shm_accumulates_like_gloo(shm_steps: list[dict]) -> None:
             m = torch.stack([grads[0][index].abs() + grads[1][index].abs() for grads in passes]).mean(0)
             bound = 2 * world * 2**-24 * m + 2 * 2**-24 * want.abs()
             assert ((got - want).abs() - bound).max() <= 0, "accumulated beyond the summation-order bound"
+
+
+def test_shm_sums_in_the_documented_fixed_order(shm_steps: list[dict]) -> None:
+    """Known terms through the plain shared-memory all-reduce: each element is, bit for bit, the
+    sum docs/shm.md gives: the term of the rank that owns the element's chunk first, then the
+    others in rank order, each divided by the world size first. The terms differ in magnitude by
+    rank, so another order rounds differently somewhere; the test checks that it does."""
+    world = len(shm_steps)
+    for call in range(SUM_CALLS):
+        terms = [torch.cat(known_terms(r, call)) / world for r in range(world)]
+        want, backwards = torch.empty_like(terms[0]), torch.empty_like(terms[0])
+        for owner, (lo, hi) in enumerate(shm.chunk_bounds(len(want), world)):
+            others = [r for r in range(world) if r != owner]
+            for into, order in ((want, others), (backwards, others[::-1])):
+                into[lo:hi] = terms[owner][lo:hi]
+                for r in order:
+                    into[lo:hi] += terms[r][lo:hi]
+        if world > 2:
+            assert not torch.equal(want, backwards), "the terms cannot tell the orders apart"
+        for r, rank in enumerate(shm_steps):
+            assert torch.equal(rank["shm:known"][call], want), f"rank {r}, call {call}: not the documented order"
 
 
 @pytest.fixture(scope="module", params=[2, 3])
