@@ -135,44 +135,52 @@ def run_trainer(world: int, iters: int, seed: int, out: Path, precision: str = "
     return {"ms_per_iter": summary["train_seconds"] / summary["global_step"] * 1e3, "val_loss": summary["val_loss"]}
 
 
-def floor_worker(iters: int, batch: int, precision: str) -> None:
-    """The bare step of the same model: forward, backward, clipping, AdamW; prints ms per step.
-    Under bf16 the forward and the loss run in autocast, as the trainer's ``--precision bf16``."""
+def floor_worker(iters: int, batch: int, precisions: Sequence[str]) -> None:
+    """The bare step of the same model: forward, backward, clipping, AdamW; prints ms per step for
+    each of ``precisions`` in turn, each on a fresh model. Under bf16 the forward and the loss run
+    in autocast, as the trainer's ``--precision bf16``."""
     from trainer.core.config import TrainConfig
     from trainer.tasks.shakespeare_char import ShakespeareChar
 
     torch.set_num_threads(1)
     task = ShakespeareChar()
-    model = task.build_model()
-    cfg = TrainConfig(**task.defaults)
-    optimizer = task.build_optimizer(model, cfg)
     split = task.build_data(torch.device("cpu")).train
-    generator = torch.Generator().manual_seed(0)
-    times = []
-    for step in range(iters):
-        started = time.perf_counter()
-        inputs, targets = split.batch(torch.randint(len(split), (batch,), generator=generator))
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        if step >= 10:
-            times.append((time.perf_counter() - started) * 1e3)
-    print(f"floor_ms {statistics.median(times):.4f}")
+    for precision in precisions:
+        model = task.build_model()
+        optimizer = task.build_optimizer(model, TrainConfig(**task.defaults))
+        generator = torch.Generator().manual_seed(0)
+        times = []
+        for step in range(iters):
+            started = time.perf_counter()
+            inputs, targets = split.batch(torch.randint(len(split), (batch,), generator=generator))
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            if step >= 10:
+                times.append((time.perf_counter() - started) * 1e3)
+        print(f"floor_ms {precision} {statistics.median(times):.4f}", flush=True)
 
 
-def run_floor(world: int, iters: int, precision: str = "fp32") -> dict[str, Any]:
+def run_floors(world: int, iters: int, precisions: Sequence[str]) -> dict[str, float]:
+    """ms per step of the bare step in each of ``precisions``: ``world`` concurrent one-thread
+    processes, each measuring the precisions in turn (one start-up for all); a job's step is its
+    slowest rank's."""
     cmd = [sys.executable, "-m", "benchmarks.nanogpt", "--floor-worker", "--iters", str(iters)]
-    cmd += ["--batch", str(BATCH // world), "--precisions", precision]
+    cmd += ["--batch", str(BATCH // world), "--precisions", *precisions]
     procs = [
         subprocess.Popen(cmd, env=child_env(OMP_NUM_THREADS="1"), cwd=REPO, stdout=subprocess.PIPE, text=True)
         for _ in range(world)
     ]
     outputs = [p.communicate(timeout=3600)[0] for p in procs]
-    values = [float(re.search(r"floor_ms ([\d.]+)", o).group(1)) for o in outputs]  # type: ignore[union-attr]
-    return {"ms_per_iter": max(values)}  # the step of a job is its slowest rank's
+    if any(p.returncode for p in procs):
+        raise RuntimeError(f"a floor process failed: exit codes {[p.returncode for p in procs]}")
+    return {
+        precision: max(float(v) for o in outputs for v in re.findall(rf"floor_ms {precision} ([\d.]+)", o))
+        for precision in precisions
+    }
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -196,7 +204,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.floor_worker:
-        floor_worker(args.iters, args.batch, args.precisions[0])
+        floor_worker(args.iters, args.batch, args.precisions)
         return
     out = results_dir("nanogpt", args.out)
     info = machine()
@@ -204,9 +212,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         data = prepare_data(Path(scratch))
         for world in args.worlds:
-            floors = {
-                p: run_floor(world, args.iters, p)["ms_per_iter"] for p in dict.fromkeys(["fp32", *args.precisions])
-            }
+            floors = run_floors(world, args.iters, list(dict.fromkeys(["fp32", *args.precisions])))
             for seed in args.seeds:
                 peer = run_nanogpt(world, args.iters, seed, data, Path(scratch) / f"nanogpt-{world}-{seed}")
                 runs = [("nanoGPT train.py", "fp32", peer)]
