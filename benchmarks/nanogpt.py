@@ -3,6 +3,7 @@
     python -m benchmarks.nanogpt                  # 200 iterations: the speed table (a few minutes)
     python -m benchmarks.nanogpt --iters 2000     # the whole recipe: speed and validation losses
     python -m benchmarks.nanogpt --seeds 1337 1   # several seeds of each, for the losses' spread
+    python -m benchmarks.nanogpt --gpu            # nanoGPT's GPU recipe on one GPU, 5000 iterations
 
 The peer is nanoGPT's ``train.py`` and ``model.py`` (benchmarks/peers/nanogpt, MIT, three lines
 patched to run on the CPU over gloo and to take its seed from the environment), run on the
@@ -20,6 +21,14 @@ bare forward, backward, clipping and AdamW step of the same model on random wind
 (world size 1) or two at once (world size 2, 6 windows each), with no exchange at all, at each
 row's precision. The trainer runs once per ``--precisions`` (float32 and ``--precision bf16``
 by default); nanoGPT runs its recipe in float32, and "speed vs nanoGPT" is always against that.
+
+``--gpu``: nanoGPT's GPU recipe (``config/train_shakespeare_char.py``: 6 layers, 6 heads, 384
+wide, context 256, batch 64, dropout 0.2, lr 1e-3 with 100 warm-up steps and cosine to 1e-4,
+beta2 0.99, 5000 iterations; its README reports a validation loss of about 1.47) on one GPU.
+nanoGPT runs as its recipe does, in bf16 autocast with ``torch.compile``, and once more without
+compiling for ``--eager-iters`` (speed only); the trainer runs ``--precision bf16``, eager (it
+has no compile option). Both read the loss each iteration (nanoGPT ``--log_interval=1``), so
+both wait for the GPU once a step; nanoGPT evaluates only at its start and end.
 """
 
 from __future__ import annotations
@@ -61,6 +70,14 @@ RECIPE = [
     *("--grad_clip=1.0", "--log_interval=1", "--eval_iters=20", "--always_save_checkpoint=True"),
 ]
 BATCH = 12
+# nanoGPT's config/train_shakespeare_char.py, the recipe its README runs on a GPU.
+GPU_SHAPE = {"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256, "dropout": 0.2}
+GPU_RECIPE = [
+    *(f"--{k}={v}" for k, v in GPU_SHAPE.items()),
+    *("--device=cuda", "--batch_size=64", "--gradient_accumulation_steps=1", "--learning_rate=1e-3"),
+    *("--min_lr=1e-4", "--beta2=0.99", "--grad_clip=1.0", "--log_interval=1", "--eval_iters=200"),
+    "--always_save_checkpoint=True",
+]
 
 
 def warmup(iters: int) -> int:
@@ -84,55 +101,84 @@ def prepare_data(directory: Path) -> Path:
 
 
 @torch.no_grad()
-def fixed_set_loss(state: dict[str, torch.Tensor]) -> float:
-    """The mean loss per character of shakespeare-char's validation windows, for weights ``state``."""
+def fixed_set_loss(state: dict[str, torch.Tensor], shape: dict[str, Any] | None = None, device: str = "cpu") -> float:
+    """The mean loss per character of shakespeare-char's validation windows, for weights ``state``
+    of a model of ``shape`` (the task's options; default the CPU recipe's), in float32."""
     from trainer.tasks.shakespeare_char import ShakespeareChar
 
-    task = ShakespeareChar()
-    model = task.build_model()
+    task = ShakespeareChar(ShakespeareChar.Options(**(shape or {})))
+    model = task.build_model().to(device)
     model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in state.items()})
     model.eval()
-    split = task.build_data(torch.device("cpu")).val
+    split = task.build_data(torch.device(device)).val
     assert split is not None
     total, count = 0.0, 0
     for begin in range(0, len(split), 256):
-        inputs, targets = split.batch(torch.arange(begin, min(begin + 256, len(split))))
+        inputs, targets = split.batch(torch.arange(begin, min(begin + 256, len(split)), device=device))
         total += F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(), reduction="sum").item()
         count += targets.numel()
     return total / count
 
 
-def run_nanogpt(world: int, iters: int, seed: int, data: Path, out: Path) -> dict[str, Any]:
-    args = [*RECIPE, f"--dataset={data}", f"--out_dir={out}", f"--max_iters={iters}", f"--lr_decay_iters={iters}"]
+def run_nanogpt(world: int, iters: int, seed: int, data: Path, out: Path, gpu: str | None = None) -> dict[str, Any]:
+    """nanoGPT's train.py on the CPU recipe, or with ``gpu`` ("compiled" or "eager") on its GPU
+    recipe in one process."""
+    recipe = RECIPE if gpu is None else [*GPU_RECIPE, f"--compile={gpu == 'compiled'}"]
+    args = [*recipe, f"--dataset={data}", f"--out_dir={out}", f"--max_iters={iters}", f"--lr_decay_iters={iters}"]
     args += [f"--eval_interval={iters}", f"--warmup_iters={warmup(iters)}"]
-    if world == 1:
+    if gpu is not None:
+        cmd = [sys.executable, str(PEER), *args]
+    elif world == 1:
         cmd = [sys.executable, str(PEER), *args, f"--batch_size={BATCH}", "--gradient_accumulation_steps=1"]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", str(PEER)]
         cmd += [*args, "--backend=gloo", f"--batch_size={BATCH // world}", f"--gradient_accumulation_steps={world}"]
-    output, _ = run_checked(cmd, child_env(OMP_NUM_THREADS="1", NANOGPT_SEED=str(seed)), timeout=3600)
+    env = child_env(OMP_NUM_THREADS="1", NANOGPT_SEED=str(seed))
+    if gpu is not None:
+        env.pop("CUDA_VISIBLE_DEVICES")
+    output, _ = run_checked(cmd, env, timeout=3600)
     logged = re.findall(r"^iter (\d+): loss \S+, time ([\d.]+)ms", output, re.M)
     times = [float(t) for i, t in logged if 10 <= int(i) < iters]  # warm-up and the final evaluation left out
     estimate = re.findall(r"step \d+: train loss \S+, val loss ([\d.]+)", output)
     state = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)["model"]
     return {
         "ms_per_iter": statistics.median(times),
-        "val_loss": fixed_set_loss(state),
+        "val_loss": fixed_set_loss(state) if gpu is None else fixed_set_loss(state, GPU_SHAPE, "cuda"),
         "own_estimate": float(estimate[-1]) if estimate else None,
     }
 
 
-def run_trainer(world: int, iters: int, seed: int, out: Path, precision: str = "fp32") -> dict[str, Any]:
+def run_trainer(
+    world: int, iters: int, seed: int, out: Path, precision: str = "fp32", gpu: bool = False
+) -> dict[str, Any]:
+    """The trainer on the CPU recipe, or with ``gpu`` on nanoGPT's GPU recipe in one process."""
     args = ["-m", "trainer", "--task", "shakespeare-char", "--max-steps", str(iters), "--lr-decay-steps", str(iters)]
     args += ["--seed", str(seed), "--run-dir", str(out), "--checkpoint-every", str(iters), "--log-every", "100"]
     args += ["--warmup-steps", str(warmup(iters)), "--precision", precision]
+    if gpu:
+        args += [f"--{k.replace('_', '-')}={v}" for k, v in GPU_SHAPE.items()]
+        args += ["--global-batch-size", "64", "--device", "cuda"]
     if world > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", *args[1:]]
     else:
         cmd = [sys.executable, *args]
-    run_checked(cmd, child_env(OMP_NUM_THREADS="1"), timeout=3600)
+    env = child_env(OMP_NUM_THREADS="1")
+    if gpu:
+        env.pop("CUDA_VISIBLE_DEVICES")
+    run_checked(cmd, env, timeout=3600)
     summary = json.loads((out / "summary.json").read_text())
-    return {"ms_per_iter": summary["train_seconds"] / summary["global_step"] * 1e3, "val_loss": summary["val_loss"]}
+    ms_per_iter = summary["train_seconds"] / summary["global_step"] * 1e3
+    if not gpu:
+        return {"ms_per_iter": ms_per_iter, "val_loss": summary["val_loss"]}
+    # As nanoGPT's row: the final weights' loss in float32; the run's own (in bf16 autocast) beside it.
+    from trainer.lifecycle.checkpoint import read_checkpoint
+
+    state = read_checkpoint(out / "checkpoints" / f"step-{iters:08d}.pt")["model"]
+    return {
+        "ms_per_iter": ms_per_iter,
+        "val_loss": fixed_set_loss(state, GPU_SHAPE, "cuda"),
+        "own_estimate": summary["val_loss"],
+    }
 
 
 def floor_worker(iters: int, batch: int, precisions: Sequence[str]) -> None:
@@ -185,7 +231,7 @@ def run_floors(world: int, iters: int, precisions: Sequence[str]) -> dict[str, f
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.nanogpt", description=__doc__.split("\n")[0])
-    parser.add_argument("--iters", type=int, default=200, help="iterations per run (the recipe has 2000)")
+    parser.add_argument("--iters", type=int, default=None, help="iterations per run (default 200; the recipe has 2000)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1337], help="one run of each trainer per seed")
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2], help="world sizes")
     parser.add_argument(
@@ -195,16 +241,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=["fp32", "bf16"],
         help="the trainer's --precision for its rows (nanoGPT runs float32, its recipe)",
     )
+    parser.add_argument(
+        "--gpu", action="store_true", help="nanoGPT's GPU recipe on one GPU (--iters 5000 unless given)"
+    )
+    parser.add_argument("--eager-iters", type=int, default=500, help="--gpu: iterations of nanoGPT's uncompiled run")
     parser.add_argument("--out", help="results folder (default benchmarks/results/nanogpt-<time>)")
     parser.add_argument("--floor-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=BATCH, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.iters is None:
+        args.iters = 5000 if args.gpu else 200
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.floor_worker:
         floor_worker(args.iters, args.batch, args.precisions)
+        return
+    if args.gpu:
+        gpu_main(args)
         return
     out = results_dir("nanogpt", args.out)
     info = machine()
@@ -251,6 +307,56 @@ def main(argv: Sequence[str] | None = None) -> None:
     ]
     text = f"{args.iters} iterations, one thread per process. {machine_line(info)}\n\n{markdown_table(rows, columns)}\n"
     publish(out, "nanogpt", text)
+
+
+def gpu_main(args: argparse.Namespace) -> None:
+    """nanoGPT's GPU recipe: nanoGPT compiled (its recipe), nanoGPT eager (speed only), the trainer."""
+    out = results_dir("nanogpt-gpu", args.out)
+    info = {**machine(), "gpu": torch.cuda.get_device_name(0)}
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        data = prepare_data(Path(scratch))
+        for seed in args.seeds:
+            runs = [
+                (
+                    "nanoGPT train.py, torch.compile",
+                    args.iters,
+                    run_nanogpt(1, args.iters, seed, data, Path(scratch) / f"c{seed}", "compiled"),
+                ),
+                (
+                    "nanoGPT train.py, eager",
+                    args.eager_iters,
+                    run_nanogpt(1, args.eager_iters, seed, data, Path(scratch) / f"e{seed}", "eager"),
+                ),
+                (
+                    "trainer --precision bf16, eager",
+                    args.iters,
+                    run_trainer(1, args.iters, seed, Path(scratch) / f"t{seed}", "bf16", gpu=True),
+                ),
+            ]
+            for name, iters, result in runs:
+                rows.append(
+                    {
+                        "seed": seed,
+                        "who": name,
+                        "iters": iters,
+                        "ms_per_iter": result["ms_per_iter"],
+                        "val_loss": result["val_loss"],
+                        "own_estimate": result.get("own_estimate"),
+                    }
+                )
+    write_csv(out / "nanogpt-gpu.csv", rows)
+    write_json(out / "machine.json", info)
+    columns = [
+        ("seed", "seed"),
+        ("who", "who"),
+        ("iters", "iterations"),
+        ("ms_per_iter", "ms/iter"),
+        ("val_loss", "val loss (fixed set, float32)"),
+        ("own_estimate", "the run's own estimate"),
+    ]
+    text = f"nanoGPT's GPU recipe on {info['gpu']}. {machine_line(info)}\n\n{markdown_table(rows, columns)}\n"
+    publish(out, "nanogpt-gpu", text)
 
 
 if __name__ == "__main__":

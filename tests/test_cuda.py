@@ -6,6 +6,7 @@ host; these tests show them, and are skipped where there is none.
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import signal
@@ -195,3 +196,20 @@ def test_cuda_graph_benchmark_runs_quick(tmp_path: Path) -> None:
     assert [row["cuda_graph"] for row in report["rows"]] == ["off", "on"]
     assert report["same_weights"] is True
     assert (tmp_path / "raw.csv").exists() and (tmp_path / "cuda_graph.md").exists()
+
+
+def test_nanogpt_gpu_benchmark_runs_quick(tmp_path: Path) -> None:
+    """nanoGPT compiled and eager, and the trainer, on nanoGPT's GPU recipe for a few iterations."""
+    cmd = [sys.executable, "-m", "benchmarks.nanogpt", "--gpu", "--iters", "60", "--eager-iters", "30"]
+    result = run_process([*cmd, "--out", str(tmp_path)], clean_env(gpu=True), 600)
+    assert_ok(result)
+    with (tmp_path / "nanogpt-gpu.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["who"] for r in rows] == [
+        "nanoGPT train.py, torch.compile",
+        "nanoGPT train.py, eager",
+        "trainer --precision bf16, eager",
+    ]
+    for row in rows:
+        assert float(row["ms_per_iter"]) > 0
+        assert 2.0 < float(row["val_loss"]) < 4.3, row  # below a uniform guess (ln 65 = 4.17), or close
