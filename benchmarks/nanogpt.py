@@ -291,8 +291,6 @@ def main(argv: Sequence[str] | None = None) -> None:
                             "floor_ms": floor,
                         }
                     )
-    write_csv(out / "nanogpt.csv", rows)
-    write_json(out / "machine.json", info)
     columns = [
         ("world_size", "world size"),
         ("seed", "seed"),
@@ -305,8 +303,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         ("val_loss", "val loss (fixed set)"),
         ("own_estimate", "nanoGPT's own estimate"),
     ]
-    text = f"{args.iters} iterations, one thread per process. {machine_line(info)}\n\n{markdown_table(rows, columns)}\n"
-    publish(out, "nanogpt", text)
+    write_results(out, "nanogpt", rows, columns, info, f"{args.iters} iterations, one thread per process.")
 
 
 def gpu_main(args: argparse.Namespace) -> None:
@@ -345,8 +342,6 @@ def gpu_main(args: argparse.Namespace) -> None:
                         "own_estimate": result.get("own_estimate"),
                     }
                 )
-    write_csv(out / "nanogpt-gpu.csv", rows)
-    write_json(out / "machine.json", info)
     columns = [
         ("seed", "seed"),
         ("who", "who"),
@@ -355,8 +350,16 @@ def gpu_main(args: argparse.Namespace) -> None:
         ("val_loss", "val loss (fixed set, float32)"),
         ("own_estimate", "the run's own estimate"),
     ]
-    text = f"nanoGPT's GPU recipe on {info['gpu']}. {machine_line(info)}\n\n{markdown_table(rows, columns)}\n"
-    publish(out, "nanogpt-gpu", text)
+    write_results(out, "nanogpt-gpu", rows, columns, info, f"nanoGPT's GPU recipe on {info['gpu']}.")
+
+
+def write_results(
+    out: Path, name: str, rows: list[dict[str, Any]], columns: list[tuple[str, str]], info: dict[str, Any], title: str
+) -> None:
+    """``name``.csv, machine.json, and the table as ``name``.md (printed)."""
+    write_csv(out / f"{name}.csv", rows)
+    write_json(out / "machine.json", info)
+    publish(out, name, f"{title} {machine_line(info)}\n\n{markdown_table(rows, columns)}\n")
 
 
 if __name__ == "__main__":

@@ -162,7 +162,14 @@ def steps(out: Path) -> None:
 def known_sums(rank: int, world: int) -> list[torch.Tensor]:
     """``known_terms`` through the plain shared-memory all-reduce (``shm.open_agreed``), averaged,
     in ``SUM_CALLS`` calls: the test recomputes the documented summation order."""
-    reducer = shm.open_agreed(dist.group.WORLD, sum(SUM_SIZES), 60)
+    return sums_through(shm.open_agreed(dist.group.WORLD, sum(SUM_SIZES), 60), rank, world)
+
+
+def sums_through(
+    reducer: shm.ShmAllreduce | hierarchy.HierarchicalAllreduce, rank: int, world: int
+) -> list[torch.Tensor]:
+    """This rank's results of ``SUM_CALLS`` averaging all-reduces of ``known_terms`` through ``reducer``,
+    which is closed after."""
     results = []
     for call in range(SUM_CALLS):
         result = torch.full((sum(SUM_SIZES),), float("nan"))
@@ -315,13 +322,7 @@ def hierarchical(out: Path) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     keys: list[str] = [""] * world
     dist.all_gather_object(keys, shm.host_key())
-    reducer = hierarchy.open_agreed(sum(SUM_SIZES), 60)
-    results = []
-    for call in range(SUM_CALLS):
-        result = torch.full((sum(SUM_SIZES),), float("nan"))
-        reducer.allreduce(known_terms(rank, call), result, divide_by=world)
-        results.append(result)
-    reducer.close()
+    results = sums_through(hierarchy.open_agreed(sum(SUM_SIZES), 60), rank, world)
     torch.save({"hosts": hierarchy.host_groups(keys), "results": results}, out / f"rank{rank}.pt")
 
 
