@@ -53,13 +53,14 @@ def results_dir(name: str, out: str | None) -> Path:
     return path
 
 
-def child_env(**extra: str) -> dict[str, str]:
+def child_env(hide_gpus: bool = True, **extra: str) -> dict[str, str]:
     """A fresh job's environment for a benchmark, plus ``extra``: this checkout importable, GPUs hidden.
 
     The benchmarks measure the CPU path (several processes per host, gloo or shared memory), so
-    the processes they start see no GPU even on a host that has one.
+    the processes they start see no GPU even on a host that has one; those that measure a GPU
+    pass ``hide_gpus=False``.
     """
-    return fresh_job_env(pythonpath=REPO, **extra)
+    return fresh_job_env(pythonpath=REPO, hide_gpus=hide_gpus, **extra)
 
 
 @dataclass

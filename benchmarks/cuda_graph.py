@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import (
-    REPO,
+    child_env,
     machine,
     machine_line,
     markdown_table,
@@ -32,7 +32,6 @@ from benchmarks.common import (
     write_csv,
     write_json,
 )
-from trainer.distributed.jobs import fresh_job_env
 
 MODES = ("off", "on")
 
@@ -49,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run_trainer(mode: str, args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     budget = ["--epochs", "1", "--max-steps", "200"] if args.quick else ["--epochs", str(args.epochs)]
     command = [sys.executable, "-m", "trainer", *budget, "--cuda-graph", mode, "--run-dir", str(run_dir)]
-    output, _ = run_checked([*command, "--overwrite"], fresh_job_env(pythonpath=REPO, hide_gpus=False), 900)
+    output, _ = run_checked([*command, "--overwrite"], child_env(hide_gpus=False), 900)
     if mode == "on" and "captured in a CUDA graph" not in output:
         raise RuntimeError(f"--cuda-graph on did not capture the step:\n{output[-3000:]}")
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -133,9 +133,7 @@ def run_nanogpt(world: int, iters: int, seed: int, data: Path, out: Path, gpu: s
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", str(PEER)]
         cmd += [*args, "--backend=gloo", f"--batch_size={BATCH // world}", f"--gradient_accumulation_steps={world}"]
-    env = child_env(OMP_NUM_THREADS="1", NANOGPT_SEED=str(seed))
-    if gpu is not None:
-        env.pop("CUDA_VISIBLE_DEVICES")
+    env = child_env(hide_gpus=gpu is None, OMP_NUM_THREADS="1", NANOGPT_SEED=str(seed))
     output, _ = run_checked(cmd, env, timeout=3600)
     logged = re.findall(r"^iter (\d+): loss \S+, time ([\d.]+)ms", output, re.M)
     times = [float(t) for i, t in logged if 10 <= int(i) < iters]  # warm-up and the final evaluation left out
@@ -162,10 +160,7 @@ def run_trainer(
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", *args[1:]]
     else:
         cmd = [sys.executable, *args]
-    env = child_env(OMP_NUM_THREADS="1")
-    if gpu:
-        env.pop("CUDA_VISIBLE_DEVICES")
-    run_checked(cmd, env, timeout=3600)
+    run_checked(cmd, child_env(hide_gpus=not gpu, OMP_NUM_THREADS="1"), timeout=3600)
     summary = json.loads((out / "summary.json").read_text())
     ms_per_iter = summary["train_seconds"] / summary["global_step"] * 1e3
     if not gpu:

@@ -32,8 +32,7 @@ def main() -> None:
     scratch = out / "scratch"
     scratch.mkdir(parents=True, exist_ok=True)
     data = ng.prepare_data(scratch)
-    env = ng.child_env(OMP_NUM_THREADS="1", NANOGPT_SEED="1337")
-    env.pop("CUDA_VISIBLE_DEVICES")
+    env = ng.child_env(hide_gpus=False, OMP_NUM_THREADS="1", NANOGPT_SEED="1337")
     cmd = [
         sys.executable,
         str(ng.PEER),
@@ -57,9 +56,7 @@ def main() -> None:
     args += ["--keep-checkpoints", str(ITERS // EVERY + 1), "--log-every", "100", "--warmup-steps", "100"]
     args += ["--precision", "bf16", "--global-batch-size", "64", "--device", "cuda"]
     args += [f"--{k.replace('_', '-')}={v}" for k, v in ng.GPU_SHAPE.items()]
-    env = ng.child_env()
-    env.pop("CUDA_VISIBLE_DEVICES")
-    subprocess.run(args, env=env, capture_output=True, text=True, check=True)
+    subprocess.run(args, env=ng.child_env(hide_gpus=False), capture_output=True, text=True, check=True)
     losses = [
         f"{p.name} {ng.fixed_set_loss(read_checkpoint(p)['model'], ng.GPU_SHAPE, 'cuda'):.4f}"
         for p in sorted((run / "checkpoints").glob("step-*.pt"))
