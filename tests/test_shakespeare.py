@@ -120,11 +120,13 @@ def test_resumes_bit_for_bit_after_sigkill(tmp_path: Path) -> None:
         clean_env(),
         tmp_path / "log",
     )
-    wait_until(lambda: latest_step(run_dir) >= 120, 180, "step 120", job)
+    # Step 70 is logged after step 50's checkpoint committed, and 93 steps before the epoch's end
+    # (whose checkpoint, at step 163, would be no --checkpoint-every one).
+    wait_until(lambda: latest_step(run_dir) >= 70, 180, "step 70", job)
     workers(job.pid)[0].send_signal(signal.SIGKILL)  # rank 0, the checkpoint writer
     assert job.wait(300) == 0, job.output()[-6000:]
     summary = read_summary(run_dir)
-    assert summary["restarts"] == 1 and summary["resumed_from_step"] % 50 == 0 and summary["resumed_from_step"] >= 100
+    assert summary["restarts"] == 1 and summary["resumed_from_step"] in (50, 100, 150), summary["resumed_from_step"]
     assert summary["params_sha256"] == read_summary(baseline)["params_sha256"]
     assert exact_rows(run_dir) == exact_rows(baseline)
     # No exchange on the micro-batch before the last: one per step this launch trained.
