@@ -120,12 +120,15 @@ def fixed_set_loss(state: dict[str, torch.Tensor], shape: dict[str, Any] | None 
     return total / count
 
 
-def run_nanogpt(world: int, iters: int, seed: int, data: Path, out: Path, gpu: str | None = None) -> dict[str, Any]:
+def run_nanogpt(
+    world: int, iters: int, seed: int, data: Path, out: Path, gpu: str | None = None, every: int | None = None
+) -> dict[str, Any]:
     """nanoGPT's train.py on the CPU recipe, or with ``gpu`` ("compiled" or "eager") on its GPU
-    recipe in one process."""
+    recipe in one process; it evaluates (its own estimate) every ``every`` iterations (default: at
+    the start and the end only)."""
     recipe = RECIPE if gpu is None else [*GPU_RECIPE, f"--compile={gpu == 'compiled'}"]
     args = [*recipe, f"--dataset={data}", f"--out_dir={out}", f"--max_iters={iters}", f"--lr_decay_iters={iters}"]
-    args += [f"--eval_interval={iters}", f"--warmup_iters={warmup(iters)}"]
+    args += [f"--eval_interval={every or iters}", f"--warmup_iters={warmup(iters)}"]
     if gpu is not None:
         cmd = [sys.executable, str(PEER), *args]
     elif world == 1:
@@ -137,22 +140,41 @@ def run_nanogpt(world: int, iters: int, seed: int, data: Path, out: Path, gpu: s
     output, _ = run_checked(cmd, env, timeout=3600)
     logged = re.findall(r"^iter (\d+): loss \S+, time ([\d.]+)ms", output, re.M)
     times = [float(t) for i, t in logged if 10 <= int(i) < iters]  # warm-up and the final evaluation left out
-    estimate = re.findall(r"step \d+: train loss \S+, val loss ([\d.]+)", output)
+    estimates = re.findall(r"step (\d+): train loss ([\d.]+), val loss ([\d.]+)", output)
     state = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)["model"]
     return {
         "ms_per_iter": statistics.median(times),
         "val_loss": fixed_set_loss(state) if gpu is None else fixed_set_loss(state, GPU_SHAPE, "cuda"),
-        "own_estimate": float(estimate[-1]) if estimate else None,
+        "own_estimate": float(estimates[-1][2]) if estimates else None,
+        "estimates": estimates,  # (iteration, train loss, val loss) of each evaluation, as logged
     }
 
 
 def run_trainer(
-    world: int, iters: int, seed: int, out: Path, precision: str = "fp32", gpu: bool = False
+    world: int,
+    iters: int,
+    seed: int,
+    out: Path,
+    precision: str = "fp32",
+    gpu: bool = False,
+    every: int | None = None,
 ) -> dict[str, Any]:
-    """The trainer on the CPU recipe, or with ``gpu`` on nanoGPT's GPU recipe in one process."""
+    """The trainer on the CPU recipe, or with ``gpu`` on nanoGPT's GPU recipe in one process; it
+    keeps a checkpoint every ``every`` steps (default: the last step's only)."""
     args = ["-m", "trainer", "--task", "shakespeare-char", "--max-steps", str(iters), "--lr-decay-steps", str(iters)]
-    args += ["--seed", str(seed), "--run-dir", str(out), "--checkpoint-every", str(iters), "--log-every", "100"]
+    args += [
+        "--seed",
+        str(seed),
+        "--run-dir",
+        str(out),
+        "--checkpoint-every",
+        str(every or iters),
+        "--log-every",
+        "100",
+    ]
     args += ["--warmup-steps", str(warmup(iters)), "--precision", precision]
+    if every:
+        args += ["--keep-checkpoints", str(iters // every + 1)]
     if gpu:
         args += [f"--{k.replace('_', '-')}={v}" for k, v in GPU_SHAPE.items()]
         args += ["--global-batch-size", "64", "--device", "cuda"]

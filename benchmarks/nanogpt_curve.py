@@ -14,15 +14,12 @@ or checkpoint, then loss) and prints both.
 from __future__ import annotations
 
 import argparse
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 from benchmarks import nanogpt as ng
 from trainer.lifecycle.checkpoint import read_checkpoint
 
-ITERS, EVERY = 5000, 250
+ITERS, EVERY, SEED = 5000, 250, 1337
 
 
 def main() -> None:
@@ -32,31 +29,13 @@ def main() -> None:
     scratch = out / "scratch"
     scratch.mkdir(parents=True, exist_ok=True)
     data = ng.prepare_data(scratch)
-    env = ng.child_env(hide_gpus=False, OMP_NUM_THREADS="1", NANOGPT_SEED="1337")
-    cmd = [
-        sys.executable,
-        str(ng.PEER),
-        *ng.GPU_RECIPE,
-        "--compile=True",
-        f"--dataset={data}",
-        f"--out_dir={scratch}/n",
-    ]
-    cmd += [f"--max_iters={ITERS}", f"--lr_decay_iters={ITERS}", f"--eval_interval={EVERY}", "--warmup_iters=100"]
-    cmd += ["--log_interval=10"]
-    peer = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-    lines = re.findall(r"step (\d+): train loss ([\d.]+), val loss ([\d.]+)", peer.stdout)
-    (out / "nanogpt-curve.txt").write_text(
-        "iteration train_loss val_loss\n" + "\n".join(" ".join(x) for x in lines) + "\n"
-    )
+    peer = ng.run_nanogpt(1, ITERS, SEED, data, scratch / "nanogpt", "compiled", every=EVERY)
+    lines = [" ".join(estimate) for estimate in peer["estimates"]]
+    (out / "nanogpt-curve.txt").write_text("iteration train_loss val_loss\n" + "\n".join(lines) + "\n")
     print("nanoGPT (iteration, train loss, val loss):", lines, flush=True)
 
     run = scratch / "trainer"
-    args = [sys.executable, "-m", "trainer", "--task", "shakespeare-char", "--max-steps", str(ITERS)]
-    args += ["--lr-decay-steps", str(ITERS), "--seed", "1337", "--run-dir", str(run), "--checkpoint-every", str(EVERY)]
-    args += ["--keep-checkpoints", str(ITERS // EVERY + 1), "--log-every", "100", "--warmup-steps", "100"]
-    args += ["--precision", "bf16", "--global-batch-size", "64", "--device", "cuda"]
-    args += [f"--{k.replace('_', '-')}={v}" for k, v in ng.GPU_SHAPE.items()]
-    subprocess.run(args, env=ng.child_env(hide_gpus=False), capture_output=True, text=True, check=True)
+    ng.run_trainer(1, ITERS, SEED, run, "bf16", gpu=True, every=EVERY)
     losses = [
         f"{p.name} {ng.fixed_set_loss(read_checkpoint(p)['model'], ng.GPU_SHAPE, 'cuda'):.4f}"
         for p in sorted((run / "checkpoints").glob("step-*.pt"))
