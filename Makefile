@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.floor
 	$(BIN)/python -m benchmarks.breakdown
 	$(BIN)/python -m benchmarks.scaling
+	$(BIN)/python -m benchmarks.startup
 	@# Two test hosts in network namespaces: needs root, else it says so and make goes on.
 	-$(BIN)/python -m benchmarks.hierarchical
 

@@ -32,6 +32,7 @@ runs on CUDA, the synchronised gradients and the sync time read, saved to ``OUT/
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -522,4 +523,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    gc.freeze()  # a short-lived test process: no cyclic collection at all (trainer/core/collector.py)
+    gc.disable()
     main()

@@ -75,6 +75,16 @@ def test_breakdown_quick(tmp_path: Path) -> None:
     assert "added ms" in stdout
 
 
+def test_startup_quick(tmp_path: Path) -> None:
+    """One round at world size 2 (torchrun: the agent and both ranks), each way."""
+    bench("startup", tmp_path, "--worlds", "2")
+    rows = read_csv(tmp_path / "startup.csv")
+    assert [(r["world_size"], r["variant"]) for r in rows] == [("2", "paused"), ("2", "collector on")]
+    assert all(float(r["cpu_s"]) > 0 and float(r["wall_s"]) > 0 for r in rows)
+    assert float(rows[0]["cpu_vs_paused"]) == 1.0
+    assert len(read_csv(tmp_path / "raw.csv")) == 2
+
+
 def test_sync_quick(tmp_path: Path) -> None:
     bench("sync", tmp_path)
     sizes = read_csv(tmp_path / "sync-sizes.csv")

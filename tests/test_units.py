@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from trainer.cli import parse_run
+from trainer.core.collector import collector_paused
 from trainer.core.config import TrainConfig, build_parser
 from trainer.core.errors import UsageError
 from trainer.core.weights import count_parameters, params_sha256
@@ -160,3 +164,33 @@ def test_the_gpt_attends_in_float32_under_a_cpu_autocast_and_matmuls_in_bf16(mon
     seen.clear()
     model(ids)
     assert seen == [torch.float32, torch.float32]
+
+
+def test_the_collector_pause_ends_with_the_block_and_freezes_only_when_asked() -> None:
+    assert gc.isenabled()
+    frozen = gc.get_freeze_count()
+    with collector_paused():
+        assert not gc.isenabled()
+        made = [[] for _ in range(100)]
+    assert gc.isenabled() and gc.get_freeze_count() == frozen
+    gc.disable()  # a caller's own pause outlives the block
+    try:
+        with collector_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    try:
+        with collector_paused(freeze=True):
+            made = [[] for _ in range(100)]
+        assert gc.isenabled() and gc.get_freeze_count() >= frozen + len(made)
+    finally:
+        gc.unfreeze()
+
+
+def test_importing_the_package_leaves_the_collector_as_it_was() -> None:
+    """``import trainer`` pauses the collector for torch's import only: on again after, nothing frozen
+    (a user's script keeps its own collector); ``python -m trainer`` freezes its own start."""
+    code = "import gc, trainer; print(gc.isenabled(), gc.get_freeze_count())"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["True", "0"]

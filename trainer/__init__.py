@@ -5,8 +5,11 @@ The public interface: ``Task`` and what it returns (``Splits``, ``TensorSplit``,
 the engine's options. docs/tasks.md describes them with a complete example.
 """
 
-from trainer.core.config import TrainConfig
-from trainer.core.task import Batch, DatasetSplit, NoOptions, Split, Splits, StepResult, Task, TensorSplit, option
+from trainer.core.collector import collector_paused
+
+with collector_paused():  # importing torch: trainer/core/collector.py says why
+    from trainer.core.config import TrainConfig
+    from trainer.core.task import Batch, DatasetSplit, NoOptions, Split, Splits, StepResult, Task, TensorSplit, option
 
 __all__ = [
     "Batch",

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from trainer.core.collector import collector_paused
 from trainer.core.config import TrainConfig, build_parser, plain, task_values
 from trainer.core.errors import UsageError
 from trainer.core.fileio import write_json
@@ -164,7 +165,8 @@ def run_locked(cfg: TrainConfig, task: Task, dist_env: DistEnv, device: torch.de
     if cfg.resume == "auto":
         replicas.fetch_newest()  # where nodes keep their own copies: the newest any holds, to all
     chosen = pick_checkpoint(cfg, task, device)
-    trainer = Trainer(cfg, dist_env, device, task, splits)
+    with collector_paused(freeze=True):  # building the optimiser imports torch's compiler stack
+        trainer = Trainer(cfg, dist_env, device, task, splits)
     trainer.replicas = None if replicas.shared else replicas
     if chosen is not None:
         trainer.load_state_dict(chosen[1])

@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import sys
 
-from torch.distributed.elastic.multiprocessing.errors import record
-from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
-from torch.distributed.run import parse_args, run
+from trainer.core.collector import collector_paused
+
+# Run as the agent, this is the process's own start: paused and frozen (trainer/core/collector.py).
+with collector_paused(freeze=__name__ == "__main__"):
+    from torch.distributed.elastic.multiprocessing.errors import record
+    from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
+    from torch.distributed.run import parse_args, run
 
 EXIT_LOST = 1
 
