@@ -37,6 +37,8 @@ STEPS = 30
 ARGS = ("--epochs", "1", "--hidden", "64", "--log-every", "10", "--log-all-ranks")
 CLIP = ("--max-steps", str(STEPS), "--clip-grad-norm", "0.1", "--checkpoint-every", str(STEPS))
 WORLD3_MAX_ABS_DIFF = 7.5e-8  # 10x the 7.45e-9 seen (the same on every run: the sums have fixed orders)
+SHARED = "one shared copy of the weights, each rank steps"
+UNSHARED = ("--shared-step", "off")  # every rank steps all the weights on its own copy
 # One set-up stage made to fail on one rank, per world size (trainer/sync/shm.py, fail_for_tests).
 FAILURES = {2: "1:map", 3: "2:sync"}
 
@@ -48,17 +50,19 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module", params=[2, 3])
 def clipped_runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
-    """``gloo``, ``auto`` and ``auto`` with a set-up failure on one rank, each with clipping, at world size 2 or 3."""
+    """``gloo``, ``auto`` (the shared step), ``auto`` with every rank stepping alone (``--shared-step
+    off``) and ``auto`` with a set-up failure on one rank, each with clipping, at world size 2 or 3."""
     world, root = request.param, tmp_path_factory.mktemp(f"clip{request.param}")
     before = shm_entries()
     runs: dict[str, object] = {"world": world}
-    for name, comm, env in [
-        ("gloo", "gloo", {}),
-        ("auto", "auto", {}),
-        ("failed", "auto", {shm.TEST_FAIL_ENV: FAILURES[world]}),
+    for name, extra, env in [
+        ("gloo", ("--comm", "gloo"), {}),
+        ("auto", (), {}),
+        ("unshared", UNSHARED, {}),
+        ("failed", (), {shm.TEST_FAIL_ENV: FAILURES[world]}),
     ]:
         run_dir = root / name
-        result = run_torchrun(world, [*ARGS, *CLIP, "--comm", comm, "--run-dir", str(run_dir)], timeout=300, **env)
+        result = run_torchrun(world, [*ARGS, *CLIP, *extra, "--run-dir", str(run_dir)], timeout=300, **env)
         assert_ok(result)
         runs[name] = (run_dir, result.stderr)
     assert shm_entries() - before == set(), "shared memory left behind"
@@ -138,48 +142,49 @@ def test_clip_grad_norm_must_be_positive() -> None:
         TrainConfig(clip_grad_norm=0.0)
 
 
-SHARED = "one shared copy of the weights, each rank steps"
-UNSHARED = ("--shared-step", "off")  # every rank steps all the weights on its own copy
-SHARED_CASES = [(2, "0.9"), (3, "0.9"), (2, "0")]  # (world size, --momentum)
+def assert_shared_is_unshared(world: int, shared: tuple[Path, str], unshared: tuple[Path, str], momentum: bool) -> None:
+    """Each rank updating its chunk of one shared copy of the weights against every rank stepping all
+    of them itself: the same weights and momentum buffers in the last checkpoint, bit for bit, and
+    each log says which ran and why. ``(run_dir, log)`` pairs."""
+    for rank in range(world):
+        assert f"[rank {rank}] INFO gradient sync: shm (auto: all ranks on one host; {SHARED} 1/{world}" in shared[1]
+    assert "optimiser step not shared between ranks: --shared-step off" in unshared[1]
+    assert SHARED not in unshared[1]
+    ours, theirs = (
+        torch.load(run_dir / "checkpoints" / f"step-{STEPS:08d}.pt", weights_only=True)
+        for run_dir, _ in (shared, unshared)
+    )
+    for name, tensor in ours["model"].items():
+        assert torch.equal(tensor, theirs["model"][name]), f"{name} differs"
+    states, their_states = ours["optimizer"]["state"], theirs["optimizer"]["state"]
+    assert states.keys() == their_states.keys()
+    assert bool(states) == momentum, "SGD keeps momentum buffers exactly when momentum is not 0"
+    for index, state in states.items():
+        assert torch.equal(state["momentum_buffer"], their_states[index]["momentum_buffer"]), (
+            f"momentum {index} differs"
+        )
 
 
-@pytest.mark.parametrize(("world", "momentum"), SHARED_CASES)
-def test_the_shared_step_gives_the_weights_of_every_rank_stepping_alone(
-    tmp_path: Path, world: int, momentum: str
-) -> None:
-    """``--comm auto`` on one host, each rank updating its chunk of one shared copy of the weights,
-    against the same sync with every rank stepping all weights itself: the same weights and the
-    same momentum in the checkpoint, bit for bit (at world size 2 also gloo's weights), and the log
-    says which ran and why."""
-    common = [*ARGS, "--max-steps", str(STEPS), "--checkpoint-every", str(STEPS), "--momentum", momentum]
+def test_the_shared_step_with_clipping_gives_the_weights_of_every_rank_stepping_alone(clipped_runs: dict) -> None:
+    """SGD with momentum and --clip-grad-norm (the norm from the chunks' sums of squares, one
+    exchange) under the shared step, against ``--shared-step off``: bit for bit at world sizes 2
+    and 3 (and gloo's weights at 2: test_clipping_under_shm_gives_gloo_weights)."""
+    world = clipped_runs["world"]
+    assert_shared_is_unshared(world, clipped_runs["auto"], clipped_runs["unshared"], momentum=True)
+
+
+def test_the_shared_step_without_momentum_gives_the_weights_of_every_rank_stepping_alone(tmp_path: Path) -> None:
+    """Plain SGD (``--momentum 0``: no optimiser state), no clipping, world size 2: the shared step's
+    weights are those of ``--shared-step off`` and of gloo, bit for bit, and no momentum is kept."""
+    common = [*ARGS, "--max-steps", str(STEPS), "--checkpoint-every", str(STEPS), "--momentum", "0"]
     runs = {}
     for name, extra in [("shared", ()), ("unshared", UNSHARED), ("gloo", ("--comm", "gloo"))]:
-        if name == "gloo" and world != 2:
-            continue
         run_dir = tmp_path / name
-        result = run_torchrun(world, [*common, *extra, "--run-dir", str(run_dir)], timeout=300)
+        result = run_torchrun(2, [*common, *extra, "--run-dir", str(run_dir)], timeout=300)
         assert_ok(result)
         runs[name] = (run_dir, result.stderr)
-    for rank in range(world):
-        assert (
-            f"[rank {rank}] INFO gradient sync: shm (auto: all ranks on one host; {SHARED} 1/{world}"
-            in (runs["shared"][1])
-        )
-    assert "optimiser step not shared between ranks: --shared-step off" in runs["unshared"][1]
-    assert SHARED not in runs["unshared"][1]
-    shared, unshared = (
-        torch.load(runs[name][0] / "checkpoints" / f"step-{STEPS:08d}.pt", weights_only=True)
-        for name in ("shared", "unshared")
-    )
-    for name, tensor in shared["model"].items():
-        assert torch.equal(tensor, unshared["model"][name]), f"{name} differs"
-    states, theirs = shared["optimizer"]["state"], unshared["optimizer"]["state"]
-    assert states.keys() == theirs.keys()
-    assert bool(states) == (momentum != "0"), "SGD keeps momentum buffers exactly when momentum is not 0"
-    for index, state in states.items():
-        assert torch.equal(state["momentum_buffer"], theirs[index]["momentum_buffer"]), f"momentum {index} differs"
-    if world == 2:
-        assert read_summary(runs["shared"][0])["params_sha256"] == read_summary(runs["gloo"][0])["params_sha256"]
+    assert_shared_is_unshared(2, runs["shared"], runs["unshared"], momentum=False)
+    assert read_summary(runs["shared"][0])["params_sha256"] == read_summary(runs["gloo"][0])["params_sha256"]
 
 
 def test_adam_with_clipping_shared_gives_the_weights_of_every_rank_stepping_alone(tmp_path: Path) -> None:
