@@ -189,8 +189,10 @@ def test_the_collector_pause_ends_with_the_block_and_freezes_only_when_asked() -
 
 
 def test_importing_the_package_leaves_the_collector_as_it_was() -> None:
-    """``import trainer`` pauses the collector for torch's import only: on again after, nothing frozen
-    (a user's script keeps its own collector); ``python -m trainer`` freezes its own start."""
-    code = "import gc, trainer; print(gc.isenabled(), gc.get_freeze_count())"
+    """``import trainer`` imports no torch; its public names import it on first use with the collector
+    paused, and leave it on again with nothing frozen (a user's script keeps its own collector);
+    ``python -m trainer`` freezes its own start."""
+    code = "import gc, sys, trainer; print('torch' in sys.modules); trainer.Task; "
+    code += "print(gc.isenabled(), gc.get_freeze_count())"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.split() == ["True", "0"]
+    assert result.stdout.split() == ["False", "True", "0"]
