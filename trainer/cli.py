@@ -165,8 +165,7 @@ def run_locked(cfg: TrainConfig, task: Task, dist_env: DistEnv, device: torch.de
     if cfg.resume == "auto":
         replicas.fetch_newest()  # where nodes keep their own copies: the newest any holds, to all
     chosen = pick_checkpoint(cfg, task, device)
-    with collector_paused(freeze=True):  # building the optimiser imports torch's compiler stack
-        trainer = Trainer(cfg, dist_env, device, task, splits)
+    trainer = Trainer(cfg, dist_env, device, task, splits)
     trainer.replicas = None if replicas.shared else replicas
     if chosen is not None:
         trainer.load_state_dict(chosen[1])
@@ -212,6 +211,8 @@ def fit(task: Task, argv: Sequence[str] | None = None) -> dict[str, Any] | None:
 
 def train_main(argv: Sequence[str], task: Task | None = None) -> dict[str, Any] | None:
     """Train: the default command."""
+    with collector_paused(freeze=True):  # before the job has any objects of its own (core/collector.py)
+        import torch._dynamo  # noqa: F401  # every torch.optim optimiser's constructor imports it
     try:
         cfg, task = parse_run(argv, task)
         dist_env = read_dist_env()

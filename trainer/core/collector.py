@@ -3,8 +3,14 @@
 Importing torch, and the compiler stack that every ``torch.optim`` optimiser imports when it is
 built, makes over a million objects that live as long as the process and almost no garbage. The
 collector, triggered by allocation counts, walks those objects again and again while they are
-made. Paused for those phases and then frozen (``gc.freeze``: never walked again), a rank starts
-on about a fifth less CPU (``python -m benchmarks.startup``). Training runs with the collector on.
+made. Paused for those imports and then frozen (``gc.freeze``: never walked again, neither while
+the process runs nor by Python's final collection at exit), a rank starts and ends on about a
+fifth less CPU (``python -m benchmarks.startup``). Training runs with the collector on.
+
+Only module-level state is frozen: the training command imports the compiler stack up front,
+before the job has a process group, a model or data. Frozen objects in reference cycles are
+never freed; objects that hold threads or native resources are made after the freeze and are
+collected and torn down as usual.
 """
 
 from __future__ import annotations
