@@ -8,7 +8,7 @@ process (world size 1), then a two-rank ``torchrun`` job (world size 2, agent in
 seconds are the children's user and system time, wall seconds the time to exit. The variants:
 
 - ``paused``: the package as it ships (``trainer/core/collector.py``: no cyclic collection while
-  the imports and the optimiser are built, then those objects frozen);
+  it imports torch and torch's compiler stack, then those objects frozen);
 - ``collector on``: the same code with ``gc.disable`` and ``gc.freeze`` made no-ops (through a
   ``sitecustomize`` on the children's ``PYTHONPATH``), as Python runs it by default.
 
@@ -70,7 +70,9 @@ def command(world_size: int, run_dir: Path) -> list[str]:
 def summarize(raw: list[dict[str, Any]], worlds: list[int]) -> list[dict[str, Any]]:
     rows = []
     for world_size in worlds:
-        paused = [r for r in raw if r["world_size"] == world_size and r["variant"] == "paused"]
+        paused_cpu = median_spread(
+            [r["cpu_s"] for r in raw if (r["world_size"], r["variant"]) == (world_size, "paused")]
+        )[0]
         for variant in VARIANTS:
             mine = [r for r in raw if r["world_size"] == world_size and r["variant"] == variant]
             cpu, cpu_min, cpu_max = median_spread([r["cpu_s"] for r in mine])
@@ -83,7 +85,7 @@ def summarize(raw: list[dict[str, Any]], worlds: list[int]) -> list[dict[str, An
                     "cpu_s_min": cpu_min,
                     "cpu_s_max": cpu_max,
                     "wall_s": wall,
-                    "cpu_vs_paused": cpu / median_spread([r["cpu_s"] for r in paused])[0],
+                    "cpu_vs_paused": cpu / paused_cpu,
                 }
             )
     return rows

@@ -171,7 +171,6 @@ def test_the_collector_pause_ends_with_the_block_and_freezes_only_when_asked() -
     frozen = gc.get_freeze_count()
     with collector_paused():
         assert not gc.isenabled()
-        made = [[] for _ in range(100)]
     assert gc.isenabled() and gc.get_freeze_count() == frozen
     gc.disable()  # a caller's own pause outlives the block
     try:
