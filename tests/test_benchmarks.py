@@ -79,10 +79,11 @@ def test_startup_quick(tmp_path: Path) -> None:
     """One round at world size 1, each way (world size 2 starts the same command under torchrun)."""
     bench("startup", tmp_path, "--worlds", "1")
     rows = read_csv(tmp_path / "startup.csv")
-    assert [(r["world_size"], r["variant"]) for r in rows] == [("1", "paused"), ("1", "collector on")]
+    variants = ["as shipped", "collector on", "MNIST decoded each start"]
+    assert [(r["world_size"], r["variant"]) for r in rows] == [("1", variant) for variant in variants]
     assert all(float(r["cpu_s"]) > 0 and float(r["wall_s"]) > 0 for r in rows)
-    assert float(rows[0]["cpu_vs_paused"]) == 1.0
-    assert len(read_csv(tmp_path / "raw.csv")) == 2
+    assert float(rows[0]["cpu_vs_shipped"]) == 1.0
+    assert len(read_csv(tmp_path / "raw.csv")) == 3
 
 
 def test_sync_quick(tmp_path: Path) -> None:

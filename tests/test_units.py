@@ -7,6 +7,7 @@ import gc
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from trainer.core.errors import UsageError
 from trainer.core.weights import count_parameters, params_sha256
 from trainer.distributed.env import DistEnv, read_dist_env
 from trainer.engine.sampling import EpochPlan, epoch_permutation, split_indices
-from trainer.tasks.mnist_data import load_mnist
+from trainer.tasks.mnist_data import FILES, MEAN, NORMALIZE_ROWS, STD, load_mnist, normalize
 from trainer.tasks.mnist_mlp import default_model
 
 
@@ -134,6 +135,48 @@ def test_bundled_mnist_loads_with_expected_shapes() -> None:
     assert data.train_x.shape == (60_000, 784) and data.train_x.dtype == torch.uint8
     assert data.test_x.shape == (10_000, 784)
     assert int(data.train_y.max()) == 9 and int(data.test_y.min()) == 0
+
+
+def test_mnist_is_decoded_once_and_later_starts_read_the_kept_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first load keeps each decoded file (named by the gzip's SHA-256); the next reads that
+    copy, whatever it holds, as long as its size is the one the gzip file records; a copy of
+    another size is decoded again and replaced."""
+    monkeypatch.setenv("TRAINER_CACHE_DIR", str(tmp_path))
+    first = load_mnist(None)
+    kept = {path.name.split(".")[0]: path for path in (tmp_path / "gunzipped").iterdir()}
+    assert sorted(kept) == sorted(FILES.values())
+    assert kept["train-images-idx3-ubyte"].stat().st_size == 16 + 60_000 * 784
+    labels = kept["t10k-labels-idx1-ubyte"]
+    marked = bytearray(labels.read_bytes())
+    marked[8] = (marked[8] + 1) % 10  # the first test label, changed in the copy only
+    labels.write_bytes(bytes(marked))
+    second = load_mnist(None)
+    assert torch.equal(second.train_x, first.train_x) and torch.equal(second.train_y, first.train_y)
+    assert int(second.test_y[0]) == (int(first.test_y[0]) + 1) % 10  # read from the copy
+    labels.write_bytes(bytes(marked[:-1]))  # a copy cut short is not read, and is replaced
+    assert torch.equal(load_mnist(None).test_y, first.test_y)
+    assert labels.stat().st_size == 8 + 10_000
+
+
+def test_mnist_loads_where_no_decoded_copy_can_be_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("TRAINER_CACHE_DIR", str(blocker))
+    data = load_mnist(None)
+    assert data.train_x.shape == (60_000, 784) and blocker.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("count", [1, NORMALIZE_ROWS, 3 * NORMALIZE_ROWS + 5])
+def test_normalize_in_chunks_equals_the_formula_bit_for_bit(count: int) -> None:
+    pixels = torch.randint(
+        0, 256, (4 * NORMALIZE_ROWS, 784), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    rows = torch.randperm(len(pixels), generator=torch.Generator().manual_seed(1))[:count]
+    formula = pixels[rows].to(torch.float32).div(255.0).sub(MEAN).div(STD)
+    assert torch.equal(normalize(pixels, rows), formula)
+    assert torch.equal(normalize(pixels[rows]), formula)
 
 
 def test_default_model_size_and_fingerprint() -> None:
