@@ -12,9 +12,13 @@ TEST_WORKERS ?= 3
 
 .PHONY: setup system train test lint bench mutants clean
 
+# pip would compile the installed files one by one; compileall does it on every core (about 7 s
+# sooner on two). Files that do not compile (torch ships a Python 3.12 test file) are left, as pip
+# leaves them.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e '.[test,bench,report,tensorboard,etcd]'
+	$(BIN)/python -m pip install --quiet --no-compile -e '.[test,bench,report,tensorboard,etcd]'
+	$(BIN)/python -m compileall -qq -j 0 $(VENV)/lib || true
 	touch $(STAMP)
 
 setup: $(STAMP)
