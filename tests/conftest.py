@@ -262,8 +262,7 @@ def no_leftover_processes() -> Iterator[None]:
 # the files: the longest first, so that the short ones fill the end; and the files that mostly
 # wait (on Slurm, on test hosts, on timeouts: slurm, multinode, drills, elastic) each started
 # beside files that compute, so that two cores stay busy. Started together at the head of the
-# queue, the waiting files left a core idle for the first minutes, and the suite took 835 s
-# against 778 s modelled for this order (tests' CPU and waits from a timed run).
+# queue, the waiting files kept only 1.2 of the 2 cores busy for the first two minutes.
 FIRST = (
     "test_benchmarks.py",
     "test_slurm.py",
