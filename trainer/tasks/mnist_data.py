@@ -49,13 +49,17 @@ class MnistArrays:
     test_y: torch.Tensor
 
 
-def _read_payload(path: Path, digest: str | None, source_hint: str) -> torch.Tensor:
-    """The file's bytes, decoded if it is gzip (kept decoded for the next start: gunzip_cache.py)."""
+def _read_payload(path: Path, verified: tuple[str, bytes] | None, source_hint: str) -> torch.Tensor:
+    """The file's bytes, decoded if it is gzip (kept decoded for the next start: gunzip_cache.py).
+    ``verified``: the SHA-256 and bytes of a file already read and checked (the shipped copy)."""
     try:
         if path.suffix != ".gz":
             return read_into_tensor(path)
-        raw = path.read_bytes()
-        return gunzipped(raw, digest or hashlib.sha256(raw).hexdigest(), path.stem)
+        if verified is None:
+            raw = path.read_bytes()
+            verified = hashlib.sha256(raw).hexdigest(), raw
+        digest, raw = verified
+        return gunzipped(raw, digest, path.stem)
     except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
         raise UsageError(f"{path} is truncated or not valid gzip ({exc}); {source_hint}") from None
 
@@ -91,19 +95,20 @@ def _find(directory: Path, stem: str, source_hint: str) -> Path:
     raise UsageError(f"{directory / stem}[.gz] is missing; {source_hint}")
 
 
-def _verify_bundled(directory: Path) -> dict[str, str]:
-    """Check the shipped files against the shipped SHA256SUMS; file name -> its SHA-256."""
+def _verify_bundled(directory: Path) -> dict[str, tuple[str, bytes]]:
+    """Check the shipped files against the shipped SHA256SUMS; file name -> its SHA-256 and bytes."""
     fix = "the installed package is damaged: reinstall it, or pass --data-dir"
-    digests = {}
+    verified = {}
     for line in (directory / "SHA256SUMS").read_text().splitlines():
         digest, name = line.split()
         path = directory / name
         if not path.is_file():
             raise UsageError(f"{path} is missing; {fix}")
-        if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+        raw = path.read_bytes()
+        if hashlib.sha256(raw).hexdigest() != digest:
             raise UsageError(f"{path} fails its SHA-256 check; {fix}")
-        digests[name] = digest
-    return digests
+        verified[name] = digest, raw
+    return verified
 
 
 # 512 rows of float32 pixels, 1.6 MB: a chunk that stays in the core's cache through its four passes.
@@ -159,12 +164,12 @@ def load_mnist(data_dir: str | None) -> MnistArrays:
     """Load the shipped copy (``data_dir=None``) or a torchvision-layout one."""
     if data_dir is None:
         directory = Path(str(resources.files("trainer.tasks") / "mnist"))
-        digests = _verify_bundled(directory)
+        verified = _verify_bundled(directory)
         hint = "reinstall the package, or pass --data-dir"
     else:
         directory = Path(data_dir) / "MNIST" / "raw"
         hint = f"point --data-dir at a folder holding MNIST/raw, or add --download to fetch it into {data_dir}"
-        digests = {}  # a gzip file's digest is taken as it is read
+        verified = {}  # a gzip file's digest is taken as it is read
         if not directory.is_dir():
             raise UsageError(f"{directory} does not exist; {hint}")
     arrays: dict[str, torch.Tensor] = {}
@@ -172,7 +177,7 @@ def load_mnist(data_dir: str | None) -> MnistArrays:
         split, kind = key.split("_")
         path = _find(directory, stem, hint)
         magic = IMAGE_MAGIC if kind == "images" else LABEL_MAGIC
-        data = _read_payload(path, digests.get(path.name), hint)
+        data = _read_payload(path, verified.get(path.name), hint)
         arrays[key] = _parse_idx(data, path, magic, EXPECTED_COUNT[split], hint)
     log.info("loaded MNIST from %s", directory)
     return MnistArrays(
