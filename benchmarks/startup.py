@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import (
-    REPO,
     child_env,
     machine,
     machine_line,
@@ -39,6 +37,7 @@ from benchmarks.common import (
     median_spread,
     publish,
     results_dir,
+    run_checked,
     write_csv,
     write_json,
 )
@@ -57,11 +56,8 @@ def children_cpu() -> float:
 def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
     """CPU seconds (all the command's processes, as they are waited for) and wall seconds."""
     cpu, started = children_cpu(), time.perf_counter()
-    result = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-    wall = time.perf_counter() - started
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} exited {result.returncode}:\n{result.stderr[-3000:]}")
-    return children_cpu() - cpu, wall
+    run_checked(cmd, env, timeout=300)
+    return children_cpu() - cpu, time.perf_counter() - started
 
 
 def command(world_size: int, run_dir: Path) -> list[str]:
@@ -118,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         envs["collector on"]["PYTHONPATH"] = f"{neutral}:{envs['collector on']['PYTHONPATH']}"
         envs["MNIST decoded each start"]["TRAINER_CACHE_DIR"] = str(no_cache)
         warm = "from trainer.tasks.mnist_data import load_mnist; load_mnist(None)"
-        subprocess.run([sys.executable, "-c", warm], env=envs["as shipped"], cwd=REPO, check=True, timeout=300)
+        run_checked([sys.executable, "-c", warm], envs["as shipped"], timeout=300)
         for round_index in range(rounds):
             for world_size in args.worlds:
                 for variant in VARIANTS:
