@@ -2,14 +2,15 @@
 
     python -m benchmarks.hierarchical             # 3 rounds; runs of 40 and 340 steps
     python -m benchmarks.hierarchical --quick     # 1 round; runs of 5 and 25 steps (CI)
+    python -m benchmarks.hierarchical --comms hierarchical   # part 1 for one option only
 
 Needs root: the two hosts are network, UTS and mount namespaces made by ``tests/hosts.py`` (each
 its own host name, ``/dev/shm`` and an ``eth0`` on a bridge); without them it exits with one
 line saying why. Both hosts share this machine's CPUs, so four ranks run on its cores.
 
 Part 1, the trainer. Each round runs it through ``launch/multinode.sh`` on both hosts, two
-ranks each, with ``--comm gloo`` and with ``--comm hierarchical`` (interleaved), each twice: a
-short run and a long one. Reported per configuration, as the median over rounds (min-max):
+ranks each, with ``--comm gloo`` and with ``--comm hierarchical`` (interleaved; ``--comms`` keeps
+one), each twice: a short run and a long one. Reported per configuration, as the median over rounds (min-max):
 
 - sync ms per batch: each rank's median of its per-step ``sync_ms`` over the long run (the last
   line of ``rank<r>.jsonl``), averaged over the four ranks (the figure means for both options
@@ -73,6 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--short", type=int, default=40, help="Steps of the short run (start-up traffic).")
     parser.add_argument("--long", type=int, default=340, help="Steps of the long run (at most 375: one epoch).")
     parser.add_argument("--calls", type=int, default=300, help="Part 2: timed all-reduces per method.")
+    parser.add_argument("--comms", nargs="+", choices=OPTIONS, default=list(OPTIONS), help="Part 1's --comm options.")
     parser.add_argument("--quick", action="store_true", help="1 round of 5 and 25 steps, 20 calls (CI).")
     parser.add_argument("--out", default=None, help="Results folder.")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -216,9 +218,9 @@ def model_bytes(option: str, hosts: int, per_host: int, size: int = GRADIENT_BYT
     return 2 * (ranks - 1) / ranks * size
 
 
-def summarize(raw: list[dict[str, Any]], short: int, long: int) -> list[dict[str, Any]]:
+def summarize(raw: list[dict[str, Any]], comms: Sequence[str], short: int, long: int) -> list[dict[str, Any]]:
     rows = []
-    for comm in OPTIONS:
+    for comm in comms:
         runs = {(r["round"], r["steps"]): r for r in raw if r["comm"] == comm}
         pairs = [(runs[(i, short)], runs[(i, long)]) for i in sorted({i for i, _ in runs})]
         per_step = [
@@ -262,14 +264,14 @@ def main(argv: list[str] | None = None) -> None:
         write_json(out / "machine.json", info)
         raw: list[dict[str, Any]] = []
         for round_index in range(args.rounds):
-            for comm in OPTIONS:
+            for comm in args.comms:
                 for steps in (args.short, args.long):
                     run_dir = Path(scratch) / "runs" / f"{comm}-r{round_index}-s{steps}"
                     raw.append({"round": round_index, **train(hosts, comm, steps, run_dir)})
             print(f"round {round_index + 1}/{args.rounds} done", flush=True)
         per_rank = allreduce_rows(hosts, args.calls, max(2, args.rounds), out, Path(scratch) / "runs")
     write_csv(out / "raw.csv", raw)
-    rows = summarize(raw, args.short, args.long)
+    rows = summarize(raw, args.comms, args.short, args.long)
     write_csv(out / "hierarchical.csv", rows)
     write_csv(out / "allreduce.csv", per_rank)
     allreduce = []

@@ -38,8 +38,15 @@ def clean_env(gpu: bool = False, **extra: str) -> dict[str, str]:
     The suite tests the CPU path on any host, GPU or not: the processes it starts see no GPU
     unless a test asks for them (``gpu=True``; tests/test_cuda.py), and then see the host's own.
     Unbuffered, so that a job killed or timed out still leaves its last words in its log.
+
+    The suite runs several test files at once on few cores, so each process gets one intra-op
+    thread (``extra`` may say otherwise; tests of the trainer's own choice remove the variable;
+    torchrun gives each of several ranks per host one anyway), and the threads of a process that
+    asks for more (tests/comm_worker.py's two) sleep when idle instead of spinning against the
+    other files' processes (OMP_WAIT_POLICY changes when a thread waits, not what it computes).
     """
-    return fresh_job_env(pythonpath=REPO, hide_gpus=not gpu, PYTHONUNBUFFERED="1", **{SESSION_VAR: SESSION, **extra})
+    env = {SESSION_VAR: SESSION, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", **extra}
+    return fresh_job_env(pythonpath=REPO, hide_gpus=not gpu, PYTHONUNBUFFERED="1", **env)
 
 
 def run_process(cmd: Sequence[str], env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess[str]:
