@@ -9,8 +9,9 @@ its own host name, ``/dev/shm`` and an ``eth0`` on a bridge); without them it ex
 line saying why. Both hosts share this machine's CPUs, so four ranks run on its cores.
 
 Part 1, the trainer. Each round runs it through ``launch/multinode.sh`` on both hosts, two
-ranks each, with ``--comm gloo`` and with ``--comm hierarchical`` (interleaved; ``--comms`` keeps
-one), each twice: a short run and a long one. Reported per configuration, as the median over rounds (min-max):
+ranks each, with ``--comm gloo`` and with ``--comm hierarchical`` (interleaved; ``--comms``
+picks which), each twice: a short run and a long one. Reported per configuration, as the median
+over rounds (min-max):
 
 - sync ms per batch: each rank's median of its per-step ``sync_ms`` over the long run (the last
   line of ``rank<r>.jsonl``), averaged over the four ranks (the figure means for both options

@@ -43,7 +43,7 @@ def clean_env(gpu: bool = False, **extra: str) -> dict[str, str]:
     thread (``extra`` may say otherwise; tests of the trainer's own choice remove the variable;
     torchrun gives each of several ranks per host one anyway), and the threads of a process that
     asks for more (tests/comm_worker.py's two) sleep when idle instead of spinning against the
-    other files' processes (OMP_WAIT_POLICY changes when a thread waits, not what it computes).
+    other files' processes (OMP_WAIT_POLICY changes how an idle thread waits, not what it computes).
     """
     env = {SESSION_VAR: SESSION, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", **extra}
     return fresh_job_env(pythonpath=REPO, hide_gpus=not gpu, PYTHONUNBUFFERED="1", **env)
