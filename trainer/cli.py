@@ -211,8 +211,6 @@ def fit(task: Task, argv: Sequence[str] | None = None) -> dict[str, Any] | None:
 
 def train_main(argv: Sequence[str], task: Task | None = None) -> dict[str, Any] | None:
     """Train: the default command."""
-    with collector_paused(freeze=True):  # before the job has any objects of its own (core/collector.py)
-        import torch._dynamo  # noqa: F401  # every torch.optim optimiser's constructor imports it
     try:
         cfg, task = parse_run(argv, task)
         dist_env = read_dist_env()
@@ -233,6 +231,10 @@ def train_main(argv: Sequence[str], task: Task | None = None) -> dict[str, Any] 
             threads,
             source,
         )
+        # Every torch.optim optimiser's constructor imports the compiler stack: here, after bad input
+        # has had its one line and before the job has a process group, a model or data (core/collector.py).
+        with collector_paused(freeze=True):
+            import torch._dynamo  # noqa: F401
         init_process_group(dist_env, backend, device, cfg.timeout)
         try:
             return run(cfg, task, dist_env, device)
