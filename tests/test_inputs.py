@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import re
 import shutil
 from pathlib import Path
 
@@ -10,6 +11,16 @@ import pytest
 from conftest import REPO, run_trainer
 
 SHORT = ("--max-steps", "5", "--epochs", "1")
+
+
+# Python lists every import on stderr: bad input must end before the compiler stack that building
+# an optimiser imports (about 1 CPU-s), and after torch itself.
+IMPORT_TIMES = {"PYTHONPROFILEIMPORTTIME": "1"}
+
+
+def assert_ended_before_the_compiler_stack(result) -> None:
+    assert re.search(r"\|\s+torch$", result.stderr, re.M), "no import times listed"
+    assert not re.search(r"\|\s+torch\._dynamo$", result.stderr, re.M), "torch._dynamo imported before the error"
 
 
 def assert_one_line_error(result, *fragments: str) -> None:
@@ -41,27 +52,35 @@ def assert_one_line_error(result, *fragments: str) -> None:
     ],
 )
 def test_bad_environment_is_one_line(tmp_path: Path, env: dict[str, str], fragments: tuple[str, ...]) -> None:
-    result = run_trainer([*SHORT, "--run-dir", str(tmp_path / "run")], timeout=60, **env)
+    result = run_trainer([*SHORT, "--run-dir", str(tmp_path / "run")], timeout=60, **env, **IMPORT_TIMES)
     assert_one_line_error(result, *fragments)
+    assert_ended_before_the_compiler_stack(result)
     assert not (tmp_path / "run").exists(), "nothing may be written before the input is validated"
 
 
 @pytest.mark.parametrize(
-    ("args", "fragment"),
+    ("args", "fragment", "before_the_job"),
     [
-        (["--val-fraction", "1.5"], "--val-fraction"),
-        (["--download"], "--download needs --data-dir"),
-        (["--backend", "nccl", "--device", "cpu"], "nccl needs CUDA"),
-        (["--batch-size", "50000"], "exceeds the 48000 training samples"),
-        (["--cuda-graph", "on", "--device", "cpu"], "--cuda-graph on needs one process on a CUDA device"),
-        (["--batch-size", "50", "--grad-accum-steps", "3"], "--grad-accum-steps 3 does not divide --batch-size 50"),
-        (["--grad-accum-steps", "0"], "--grad-accum-steps must be at least 1"),
-        (["--precision", "fp16"], "invalid choice: 'fp16'"),
+        (["--val-fraction", "1.5"], "--val-fraction", True),
+        (["--download"], "--download needs --data-dir", True),
+        (["--backend", "nccl", "--device", "cpu"], "nccl needs CUDA", True),
+        # These two need the data and the model, so they come once the job has started.
+        (["--batch-size", "50000"], "exceeds the 48000 training samples", False),
+        (["--cuda-graph", "on", "--device", "cpu"], "--cuda-graph on needs one process on a CUDA device", False),
+        (
+            ["--batch-size", "50", "--grad-accum-steps", "3"],
+            "--grad-accum-steps 3 does not divide --batch-size 50",
+            True,
+        ),
+        (["--grad-accum-steps", "0"], "--grad-accum-steps must be at least 1", True),
+        (["--precision", "fp16"], "invalid choice: 'fp16'", True),
     ],
 )
-def test_bad_options_are_one_line(tmp_path: Path, args: list[str], fragment: str) -> None:
-    result = run_trainer([*SHORT, "--run-dir", str(tmp_path / "run"), *args], timeout=60)
+def test_bad_options_are_one_line(tmp_path: Path, args: list[str], fragment: str, before_the_job: bool) -> None:
+    result = run_trainer([*SHORT, "--run-dir", str(tmp_path / "run"), *args], timeout=60, **IMPORT_TIMES)
     assert_one_line_error(result, fragment)
+    if before_the_job:
+        assert_ended_before_the_compiler_stack(result)
 
 
 def test_unknown_choice_is_rejected_by_argparse(tmp_path: Path) -> None:

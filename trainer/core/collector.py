@@ -7,7 +7,8 @@ made. Paused for those imports and then frozen (``gc.freeze``: never walked agai
 the process runs nor by Python's final collection at exit), a rank starts and ends on about a
 fifth less CPU (``python -m benchmarks.startup``). Training runs with the collector on.
 
-Only module-level state is frozen: the training command imports the compiler stack up front,
+Only module-level state, the run's configuration and its task object are frozen: the training
+command imports the compiler stack once its input is checked (bad input ends first, without it),
 before the job has a process group, a model or data. Frozen objects in reference cycles are
 never freed; objects that hold threads or native resources are made after the freeze and are
 collected and torn down as usual.
