@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -175,6 +176,7 @@ def worker(result_path: Path, steps: int, rounds: int) -> None:
                 step(positions[index])
             figures[name].append((time.perf_counter() - started) * 1e3 / steps)
     trainer.progress.stop()
+    shutil.rmtree(scratch, ignore_errors=True)  # the run directory the Trainer needed, nothing kept
     Path(f"{result_path}-rank{env.rank}.json").write_text(json.dumps(figures))
     if env.distributed:
         dist.barrier()

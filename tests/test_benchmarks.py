@@ -6,6 +6,7 @@ import csv
 import importlib.util
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -66,7 +67,10 @@ def test_floor_quick(tmp_path: Path) -> None:
 
 
 def test_breakdown_quick(tmp_path: Path) -> None:
+    scratch = Path(tempfile.gettempdir())
+    before = set(scratch.glob("breakdown-*"))
     stdout = bench("breakdown", tmp_path)
+    assert set(scratch.glob("breakdown-*")) == before, "a worker left its run directory behind"
     rows = json.loads((tmp_path / "breakdown.json").read_text())["rows"]
     by_world = {world: [r["what"] for r in rows if r["world_size"] == world] for world in (1, 2)}
     assert by_world[1] == ["bare step", "+ guard, accuracy", "train_step", "train loop", "grads read", "gradient copy"]
