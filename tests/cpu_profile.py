@@ -13,7 +13,9 @@ runs count in the first test that uses them. A process a test leaves to another 
 Slurm's) is not counted.
 
 Beside it, the Python processes each test started (its launchers, its ranks, their helpers),
-counted by ``tests/cpu_profile_site/sitecustomize.py`` as each starts: on two cores most of a
+counted by ``tests/cpu_profile_site/sitecustomize.py`` as each starts (one whose test gave it an
+environment without this ``PYTHONPATH`` is not counted; one a daemon started for the test is, where
+the environment reached it, as Slurm's jobs do): on two cores most of a
 process's CPU is its import of torch (``benchmarks.startup``), so fewer starts is the first way
 to a shorter suite. Each test process writes its lines to ``--cpu-profile-out``; the process that
 runs the session prints the files, and the tests, that took the most.
