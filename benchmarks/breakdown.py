@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -78,8 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def worker(result_path: Path, steps: int, rounds: int) -> None:
-    """One rank of the job: time every variant, write this rank's figures to ``result_path``-rank<r>.json."""
+def worker(result_path: Path, steps: int, rounds: int, run_dir: Path) -> None:
+    """One rank of the job: time every variant, write this rank's figures to ``result_path``-rank<r>.json.
+    ``run_dir``: where the Trainer it wraps keeps its files."""
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
@@ -97,8 +97,7 @@ def worker(result_path: Path, steps: int, rounds: int) -> None:
     if env.distributed:
         dist.init_process_group("gloo")
     device = torch.device("cpu")
-    scratch = Path(tempfile.mkdtemp(prefix="breakdown-"))
-    cfg = TrainConfig(run_dir=str(scratch))
+    cfg = TrainConfig(run_dir=str(run_dir))
     data = default_data(cfg.seed, device)
     trainer = Trainer(cfg, env, device, MnistMLP(), splits_of(data))
     bare_model = default_model(cfg.seed)
@@ -176,7 +175,6 @@ def worker(result_path: Path, steps: int, rounds: int) -> None:
                 step(positions[index])
             figures[name].append((time.perf_counter() - started) * 1e3 / steps)
     trainer.progress.stop()
-    shutil.rmtree(scratch, ignore_errors=True)  # the run directory the Trainer needed, nothing kept
     Path(f"{result_path}-rank{env.rank}.json").write_text(json.dumps(figures))
     if env.distributed:
         dist.barrier()
@@ -186,7 +184,8 @@ def worker(result_path: Path, steps: int, rounds: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker:
-        worker(Path(args.worker), args.steps, args.rounds)
+        with tempfile.TemporaryDirectory(prefix="breakdown-") as run_dir:
+            worker(Path(args.worker), args.steps, args.rounds, Path(run_dir))
         return
     out = results_dir("breakdown", args.out)
     info = machine()
