@@ -23,7 +23,8 @@ environment:
   LOCAL_RANK        with RANK: index on this node (default 0)
   LOCAL_WORLD_SIZE  with RANK: processes on this node (default 1)
   MASTER_ADDR       address of rank 0's host (default 127.0.0.1)
-  MASTER_PORT       free TCP port on rank 0's host (default: a free port without RANK, else 29500)
+  MASTER_PORT       free TCP port on rank 0's host (default: a free one below the ephemeral
+                    range without RANK, else 29500)
   STOP_GRACE        seconds a stopped rank gets to checkpoint before SIGKILL (default 30)
   PYTHON            interpreter (default: python3 from PATH)
 
@@ -51,12 +52,15 @@ require_int NPROC 1
 if [[ -n ${WORLD_SIZE:-} && $WORLD_SIZE != "$NPROC" ]]; then
   die "WORLD_SIZE=$WORLD_SIZE but NPROC=$NPROC ranks would start here; set RANK to start one rank, or NPROC"
 fi
-# Bind-then-release can race with another program taking the port; the trainer then says so.
-MASTER_PORT=${MASTER_PORT:-$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')}
+# A program that picks the same port in the seconds before rank 0 binds it still wins; the
+# trainer then says so in one line.
+MASTER_PORT=${MASTER_PORT:-$(quiet_port)}
+[[ -n $MASTER_PORT ]] || die "found no free port for the rendezvous; export MASTER_PORT"
 require_int MASTER_PORT 1 65535
 STOP_GRACE=${STOP_GRACE:-30}
 require_int STOP_GRACE 0
 export MASTER_PORT WORLD_SIZE=$NPROC LOCAL_WORLD_SIZE=$NPROC
+echo "${0##*/}: starting $NPROC ranks, rendezvous at $MASTER_ADDR:$MASTER_PORT" >&2
 
 # Each rank runs in a session of its own (setsid, which execs in place: a child of this script
 # leads no process group), so a Ctrl-C reaches it once, through the trap below, and not also

@@ -32,3 +32,24 @@ require_int() {
 cpu_count() {
   nproc 2>/dev/null || getconf _NPROCESSORS_ONLN
 }
+
+# quiet_port: a TCP port nothing on this host listens on, below the kernel's ephemeral range, so
+# that in the seconds before rank 0 binds it no socket that asks the kernel for a port (a client's
+# source port, another program binding port 0) can take it. Prints nothing if none was found.
+quiet_port() {
+  "$PYTHON" - <<'PY'
+import random, socket
+try:
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+except (OSError, ValueError, IndexError):
+    low = 32768
+for port in random.sample(range(max(1024, low - 8192), low), 64):
+    with socket.socket() as sock:
+        try:
+            sock.bind(("", port))
+        except OSError:
+            continue
+        print(port)
+        break
+PY
+}

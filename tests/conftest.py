@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -82,11 +83,35 @@ def run_torchrun(
     return run_process(torchrun_command(nproc, "trainer", args, launcher_args), clean_env(gpu, **env), timeout)
 
 
+def ephemeral_low() -> int:
+    """The lowest port the kernel hands out on its own (bind to port 0, a client's source port)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+PORTS_PER_WORKER = 500
+_port_offsets = itertools.count()
+
+
 def free_port() -> int:
-    """A port that was free a moment ago (bind-then-release can race; fine for tests on loopback)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port nothing listens on, for a rendezvous that binds it a few seconds later.
+
+    Chosen below the kernel's ephemeral range, so no socket that asks the kernel for a port (gloo's
+    connections, torchrun's stores, any client) can take it in those seconds; each xdist worker has
+    a slice of its own and never hands out a port twice, so no two tests share one either.
+    """
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    start = ephemeral_low() - PORTS_PER_WORKER * (worker + 1)
+    while (offset := next(_port_offsets)) < PORTS_PER_WORKER:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("", start + offset))
+            except OSError:
+                continue  # another program listens there
+            return start + offset
+    raise AssertionError(f"xdist worker {worker} used up its {PORTS_PER_WORKER} ports; raise PORTS_PER_WORKER")
 
 
 def read_summary(run_dir: Path) -> dict[str, Any]:
