@@ -7,10 +7,12 @@ import itertools
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -29,6 +31,9 @@ QUICK = ("--epochs", "1", "--log-every", "20")
 # workers in sessions of their own; an orphan is reparented).
 SESSION_VAR = "TRAINER_TEST_SESSION"
 SESSION = str(os.getpid())  # the same in both copies of this module (imported as conftest and as tests.conftest)
+# The temporary files of every process the suite starts (torchrun's log directories, above all):
+# one directory per test process, removed when it ends, instead of a hundred left in /tmp a run.
+SESSION_TMP = Path(tempfile.gettempdir()) / f"trainer-tests-{SESSION}"
 # The name the trainer gives its unnamed shared memory (memfd_create; trainer/sync/shm.py).
 MEMFD_NAME = "/memfd:trainer-"
 
@@ -38,7 +43,8 @@ def clean_env(gpu: bool = False, **extra: str) -> dict[str, str]:
 
     The suite tests the CPU path on any host, GPU or not: the processes it starts see no GPU
     unless a test asks for them (``gpu=True``; tests/test_cuda.py), and then see the host's own.
-    Unbuffered, so that a job killed or timed out still leaves its last words in its log.
+    Unbuffered, so that a job killed or timed out still leaves its last words in its log; its
+    temporary files in ``SESSION_TMP``.
 
     The suite runs several test files at once on few cores, so each process gets one intra-op
     thread (``extra`` may say otherwise; tests of the trainer's own choice remove the variable;
@@ -46,7 +52,9 @@ def clean_env(gpu: bool = False, **extra: str) -> dict[str, str]:
     asks for more (tests/comm_worker.py's two) sleep when idle instead of spinning against the
     other files' processes (OMP_WAIT_POLICY changes how an idle thread waits, not what it computes).
     """
-    env = {SESSION_VAR: SESSION, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", **extra}
+    SESSION_TMP.mkdir(exist_ok=True)
+    env = {SESSION_VAR: SESSION, "TMPDIR": str(SESSION_TMP), "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    env |= extra
     return fresh_job_env(pythonpath=REPO, hide_gpus=not gpu, PYTHONUNBUFFERED="1", **env)
 
 
@@ -91,7 +99,7 @@ def ephemeral_low() -> int:
         return 32768
 
 
-PORTS_PER_WORKER = 500
+PORTS_PER_WORKER = 200  # a worker takes a few dozen; 8 workers stay above Slurm's 29400-30399
 _port_offsets = itertools.count()
 
 
@@ -270,6 +278,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if MISSING_COMPONENT.search(reason):
         report.outcome = "failed"
         report.longrepr = f"CI=true: this test may not skip for a missing system component: {reason}"
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(SESSION_TMP, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

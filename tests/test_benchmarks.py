@@ -6,12 +6,11 @@ import csv
 import importlib.util
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import assert_ok, clean_env, run_process
+from tests.conftest import SESSION_TMP, assert_ok, clean_env, run_process
 
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
@@ -67,7 +66,7 @@ def test_floor_quick(tmp_path: Path) -> None:
 
 
 def test_breakdown_quick(tmp_path: Path) -> None:
-    scratch = Path(tempfile.gettempdir())
+    scratch = SESSION_TMP  # the workers' TMPDIR (clean_env)
     before = set(scratch.glob("breakdown-*"))
     stdout = bench("breakdown", tmp_path)
     assert set(scratch.glob("breakdown-*")) == before, "a worker left its run directory behind"
