@@ -35,7 +35,8 @@ cpu_count() {
 
 # quiet_port: a TCP port nothing on this host listens on, below the kernel's ephemeral range, so
 # that in the seconds before rank 0 binds it no socket that asks the kernel for a port (a client's
-# source port, another program binding port 0) can take it. Prints nothing if none was found.
+# source port, another program binding port 0) can take it. Where the range leaves no room below
+# it, a port the kernel hands out.
 quiet_port() {
   "$PYTHON" - <<'PY'
 import random, socket
@@ -43,13 +44,14 @@ try:
     low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
 except (OSError, ValueError, IndexError):
     low = 32768
-for port in random.sample(range(max(1024, low - 8192), low), 64):
+below = range(max(1024, low - 8192), low)
+for port in [*random.sample(below, min(64, len(below))), 0]:
     with socket.socket() as sock:
         try:
             sock.bind(("", port))
         except OSError:
             continue
-        print(port)
+        print(sock.getsockname()[1])
         break
 PY
 }
