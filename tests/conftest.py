@@ -108,7 +108,9 @@ def free_port() -> int:
 
     Chosen below the kernel's ephemeral range, so no socket that asks the kernel for a port (gloo's
     connections, torchrun's stores, any client) can take it in those seconds; each xdist worker has
-    a slice of its own and never hands out a port twice, so no two tests share one either.
+    a slice of its own, so no two tests running at once share one either. (Each of this module's
+    two copies counts on its own, so a worker may hand a port out again, to a later test: the
+    bind, without SO_REUSEADDR, skips it while connections to it are still closing.)
     """
     worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
     start = ephemeral_low() - PORTS_PER_WORKER * (worker + 1)
