@@ -167,22 +167,24 @@ def test_time_limit_requeues_and_resumes_exactly(tmp_path: Path, cluster: SlurmC
     limit, the script requeues it, the trainers checkpoint, and the job starts again and resumes.
 
     Slurm checks time limits every 30 s, and how long the trainers take to start varies with the
-    machine's load; so once they train, the limit is cut to 36-96 s ahead (``scontrol update``, as
-    an administrator may), which makes the warning due at once, and the trainers are frozen
-    (SIGSTOP) so the run cannot end before Slurm's next check however fast this machine is. Slurm
+    machine's load; so once they train, they are frozen (SIGSTOP), so that the run cannot end before
+    Slurm's next check however fast this machine is, and then the limit is cut to 36-96 s ahead
+    (``scontrol update``, as an administrator may), which makes the warning due at once. Slurm
     sends SIGCONT ahead of the SIGTERM of a requeue, as for every job it stops. Once the job is
     requeued its original limit is restored, so the resumed run is not cut short as well.
     """
     run_dir = tmp_path / "run"
     job_id = submit(cluster, run_dir, LONG)
     wait_training(cluster, job_id, run_dir)
-    job = cluster.job(job_id)
-    ahead = (seconds(job["RunTime"]) + 36 + 59) // 60
-    cluster.command("scontrol", "update", f"JobId={job_id}", f"TimeLimit={ahead}")
+    # Frozen before the limit is cut: Slurm's check may come at any moment after the cut, and its
+    # SIGCONT must find the trainers already stopped (a freeze after it would hold them until SIGKILL).
     frozen = trainers(cluster, job_id)
     assert len(frozen) == 2
     for proc in frozen:
         proc.suspend()
+    job = cluster.job(job_id)
+    ahead = (seconds(job["RunTime"]) + 36 + 59) // 60
+    cluster.command("scontrol", "update", f"JobId={job_id}", f"TimeLimit={ahead}")
     cluster.wait_job(job_id, lambda job: job["Restarts"] == "1", 90, "to be requeued by its time limit")
     cluster.command("scontrol", "update", f"JobId={job_id}", f"TimeLimit={job['TimeLimit']}")
     fields = assert_completed(cluster, job_id, run_dir, 300)
