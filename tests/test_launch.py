@@ -71,7 +71,7 @@ def test_env_launch_starts_every_rank_and_prefixes_output(tmp_path: Path, baseli
     assert read_summary(run_dir)["world_size"] == 2
     assert read_sha(run_dir) == baseline
     lines = result.stderr.splitlines()
-    (port,) = re.findall(r"^env_launch.sh: starting 2 ranks, rendezvous at 127.0.0.1:(\d+)$", result.stderr, re.M)
+    (port,) = re.findall(r"^env_launch\.sh: starting 2 ranks, rendezvous at 127\.0\.0\.1:(\d+)$", result.stderr, re.M)
     assert int(port) < ephemeral_low()  # no socket the kernel numbers can take it before rank 0 binds it
     for rank in (0, 1):
         assert any(line.startswith(f"[rank{rank}]: ") and f"[rank {rank}] INFO" in line for line in lines), rank
