@@ -28,6 +28,7 @@ shared step, ``hierarchical`` and ``gloo``, each beside DDP over gloo with the s
 the model with two Parameters on one storage, where the shared step is asked for and declines.
 ``cuda OUT``: over nccl, one GPU per rank: this rank's local gradients and, for each option that
 runs on CUDA, the synchronised gradients and the sync time read, saved to ``OUT/rank<r>.pt``.
+``MODE,MODE,... OUT``: those modes in turn in one job, each into ``OUT/MODE``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 
@@ -495,29 +497,38 @@ def cuda(out: Path) -> None:
     torch.save(results, out / f"rank{rank}.pt")
 
 
+MODES: dict[str, Callable[[Path], None]] = {
+    "grads": grads,
+    "cuda": cuda,
+    "steps": steps,
+    "shared": shared,
+    "adversarial": adversarial,
+    "wait": wait,
+    "hierarchical": hierarchical,
+}
+
+
+def mode_dir(out: Path, modes: Sequence[str], mode: str) -> Path:
+    """Where ``mode`` writes in a job of ``modes``: ``OUT`` itself when it runs alone, else ``OUT/MODE``."""
+    return out if len(modes) == 1 else out / mode
+
+
 def main() -> None:
-    mode, out = sys.argv[1], Path(sys.argv[2])
-    torch.set_num_threads(1)
-    if mode == "cuda":
+    """``MODE OUT``, or ``MODE,MODE,... OUT``: several modes in turn in one job, each into ``OUT/MODE``
+    and each from one intra-op thread, as a fresh process would be (the ranks start torch once for all)."""
+    modes, out = sys.argv[1].split(","), Path(sys.argv[2])
+    if "cuda" in modes:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("nccl" if mode == "cuda" else "gloo", timeout=timedelta(seconds=60))
+    dist.init_process_group("nccl" if "cuda" in modes else "gloo", timeout=timedelta(seconds=60))
     try:
-        if mode == "grads":
-            grads(out)
-        elif mode == "cuda":
-            cuda(out)
-        elif mode == "steps":
-            steps(out)
-        elif mode == "shared":
-            shared(out)
-        elif mode == "adversarial":
-            adversarial(out)
-        elif mode == "wait":
-            wait(out)
-        elif mode == "hierarchical":
-            hierarchical(out)
-        else:
-            peer_fails(out, mode)
+        for mode in modes:
+            torch.set_num_threads(1)
+            where = mode_dir(out, modes, mode)
+            where.mkdir(parents=True, exist_ok=True)
+            if mode in MODES:
+                MODES[mode](where)
+            else:
+                peer_fails(where, mode)
     finally:
         dist.destroy_process_group()
 

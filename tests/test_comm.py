@@ -36,6 +36,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -43,7 +44,7 @@ import pytest
 import torch
 
 from tests import adversarial as adv
-from tests.comm_worker import ADVERSARIAL_OPTIONS, SUM_CALLS, known_terms
+from tests.comm_worker import ADVERSARIAL_OPTIONS, SUM_CALLS, known_terms, mode_dir
 from tests.conftest import REPO, assert_ok, clean_env, free_port, run_process
 from trainer.core.config import COMM_OPTIONS
 from trainer.distributed.jobs import torchrun_command
@@ -72,14 +73,30 @@ def run_worker(mode: str, tmp_path: Path, nproc: int, gpu: bool = False, timeout
     assert shm_entries() - before == set(), "shared memory left behind"
 
 
-def run_grads(tmp_path: Path, nproc: int) -> list[dict]:
-    run_worker("grads", tmp_path, nproc)
-    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(nproc)]
+# The modes each world size's tests read, run in one job per world size (comm_worker.py runs them
+# in turn, each as from a fresh start): its ranks start torch once, not once per mode.
+JOB_MODES = {2: ("grads", "steps", "shared", "adversarial"), 3: ("steps", "shared", "adversarial"), 4: ("steps",)}
 
 
 @pytest.fixture(scope="module")
-def world2(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    return run_grads(tmp_path_factory.mktemp("world2"), 2)
+def records(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int, str], list[dict]]:
+    """``records(world, mode)``: every rank's record of ``mode`` at ``world``, from that world size's job."""
+    jobs: dict[int, Path] = {}
+
+    def read(world: int, mode: str) -> list[dict]:
+        if world not in jobs:
+            out = tmp_path_factory.mktemp(f"world{world}")
+            run_worker(",".join(JOB_MODES[world]), out, world, timeout=600)
+            jobs[world] = out
+        where = mode_dir(jobs[world], JOB_MODES[world], mode)
+        return [torch.load(where / f"rank{r}.pt") for r in range(world)]
+
+    return read
+
+
+@pytest.fixture(scope="module")
+def world2(records: Callable[[int, str], list[dict]]) -> list[dict]:
+    return records(2, "grads")
 
 
 def mean_local_magnitude(ranks: list[dict], pass_index: int) -> list[torch.Tensor]:
@@ -117,11 +134,9 @@ def test_hierarchical_on_one_host_equals_ddp_bit_for_bit(world2: list[dict]) -> 
 
 
 @pytest.fixture(scope="module", params=[2, 3, 4])
-def shm_steps(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+def shm_steps(request: pytest.FixtureRequest, records: Callable[[int, str], list[dict]]) -> list[dict]:
     """Every rank's record of the ``steps`` mode at world size 2, 3 and 4."""
-    out = tmp_path_factory.mktemp(f"steps{request.param}")
-    run_worker("steps", out, request.param)
-    return [torch.load(out / f"rank{r}.pt") for r in range(request.param)]
+    return records(request.param, "steps")
 
 
 @pytest.mark.parametrize("option", ["shm", "auto"])
@@ -201,11 +216,9 @@ def test_shm_sums_in_the_documented_fixed_order(shm_steps: list[dict]) -> None:
 
 
 @pytest.fixture(scope="module", params=[2, 3])
-def shared_steps(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+def shared_steps(request: pytest.FixtureRequest, records: Callable[[int, str], list[dict]]) -> list[dict]:
     """Every rank's record of the ``shared`` mode (trainer/sync/shared_step.py) at world size 2 and 3."""
-    out = tmp_path_factory.mktemp(f"shared{request.param}")
-    run_worker("shared", out, request.param)
-    return [torch.load(out / f"rank{r}.pt") for r in range(request.param)]
+    return records(request.param, "shared")
 
 
 def test_the_shared_step_gives_ddp_weights_and_momentum(shared_steps: list[dict]) -> None:
@@ -243,11 +256,9 @@ def test_the_shared_step_tells_every_rank_of_a_nonfinite_gradient_or_loss(shared
 
 
 @pytest.fixture(scope="module", params=[2, 3])
-def adversarial(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+def adversarial(request: pytest.FixtureRequest, records: Callable[[int, str], list[dict]]) -> list[dict]:
     """Every rank's record of the ``adversarial`` mode (tests/adversarial.py) at world size 2 and 3."""
-    out = tmp_path_factory.mktemp(f"adversarial{request.param}")
-    run_worker("adversarial", out, request.param, timeout=300)
-    return [torch.load(out / f"rank{r}.pt") for r in range(request.param)]
+    return records(request.param, "adversarial")
 
 
 ADVERSARIAL_RUNS = [f"{recipe}:{option}" for recipe, *_ in adv.RECIPES for option in ADVERSARIAL_OPTIONS]
