@@ -64,8 +64,8 @@ def shm_entries() -> set[str]:
 
 
 def run_worker(mode: str, tmp_path: Path, nproc: int, gpu: bool = False, timeout: float = 120) -> None:
-    """``comm_worker.py MODE`` under torchrun (GPUs visible if ``gpu``); it must succeed and leave no
-    shared memory behind."""
+    """``comm_worker.py MODE OUT`` under torchrun, ``mode`` one mode or several joined by commas
+    (GPUs visible if ``gpu``); it must succeed and leave no shared memory behind."""
     before = shm_entries()
     cmd = torchrun_command(nproc, WORKER, [mode, str(tmp_path)])
     # Generous: a shared machine under load can take minutes for a job of seconds.
